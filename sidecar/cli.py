@@ -1,0 +1,149 @@
+"""The command line: one function per command. User errors are one line each, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from sidecar import __version__
+from sidecar.config import ConfigError, Settings, load_config, read_secret_file
+from sidecar.tokens.base import IdentityError
+
+EXIT_OK, EXIT_TOKEN, EXIT_CONFIG = 0, 1, 2
+
+
+def _secrets_of(settings: Settings) -> list[str]:
+    """Every configured secret value, so the log redactor can scrub them even if a library echoes one."""
+    values = [key.get_secret_value() for key in settings.inbound.api_keys]
+    values += [value.get_secret_value() for value in settings.upstream.headers.values()]
+    auth = settings.auth
+    if auth.client_secret is not None:
+        values.append(auth.client_secret.get_secret_value())
+    if auth.certificate_password is not None:
+        values.append(auth.certificate_password.get_secret_value())
+    if auth.client_secret_file is not None:
+        with contextlib.suppress(OSError):
+            values.append(read_secret_file(auth.client_secret_file))
+    return values
+
+
+def _load(args: argparse.Namespace) -> Settings:
+    settings = load_config(args.config)
+    from sidecar import logs
+
+    logs.configure(settings.logging.level, settings.logging.format, _secrets_of(settings))
+    return settings
+
+
+def _run(coroutine: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a Linux default dependency
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
+
+
+async def _one_token(settings: Settings) -> str:
+    from sidecar.tokens import build_provider
+    from sidecar.tokens.base import TokenProvider
+
+    provider = build_provider(settings)
+    if not isinstance(provider, TokenProvider):
+        await provider.aclose()
+        raise IdentityError(
+            f"auth.flow={settings.auth.flow.value} gets tokens per caller; `check`/`token` have no caller token",
+            retryable=False,
+            hint="use `sidecar serve` and send the user's token in the Authorization header",
+        )
+    try:
+        return (await provider.fetch()).token
+    finally:
+        await provider.aclose()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    from sidecar.server import serve
+
+    return _run(serve(settings))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from sidecar.tokens.claims import describe
+
+    settings = _load(args)
+    print(f"config ok: flow {settings.auth.flow.value}, scope {settings.auth.scope}, upstream {settings.upstream.url}")
+    token = _run(_one_token(settings))
+    print("token acquired; its claims:")
+    for name, value in describe(token):
+        print(f"  {name:<18} {value}")
+    return EXIT_OK
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    sys.stdout.write(_run(_one_token(settings)) + "\n")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sidecar.demo import run_demo
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return _run(run_demo(chunk_delay=args.chunk_delay))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sidecar",
+        description="A local proxy that adds Entra ID bearer tokens to Azure OpenAI requests.",
+    )
+    parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, function: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(function=function)
+        return sub
+
+    for name, function, help_text in (
+        ("serve", cmd_serve, "run the proxy"),
+        ("check", cmd_check, "validate the config, get one token and print its claims (never the token)"),
+        ("token", cmd_token, "print a raw access token on stdout"),
+    ):
+        command(name, function, help_text).add_argument(
+            "--config", help="YAML config file (default: $SIDECAR_CONFIG; every key can also come from env)"
+        )
+    demo = command("demo", cmd_demo, "run an offline demo against the built-in emulators")
+    demo.add_argument("--chunk-delay", type=float, default=0.15, help="seconds between streamed chunks")
+    _add_flow_commands(command)
+    return parser
+
+
+def _add_flow_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """Commands that belong to particular flows (sign-in); registered by the flow modules' CLI helpers."""
+    try:
+        from sidecar.signin_cli import register
+    except ImportError:
+        return
+    register(command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.function(args))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"sidecar: config error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    except IdentityError as exc:
+        print(f"sidecar: could not get a token: {exc.one_line()}", file=sys.stderr)
+        return EXIT_TOKEN
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,107 @@
+"""What every msal-based flow shares: the authority, the HTTP client, and turning msal's answers into
+tokens or IdentityErrors that carry the AADSTS code."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import requests
+
+from sidecar.config import AuthConfig, TlsConfig
+from sidecar.tokens.base import AccessToken, IdentityError
+from sidecar.tokens.tls import PinnedCASession
+
+T = TypeVar("T")
+
+# What to tell the operator for the codes they will meet most; the provider's text comes first anyway.
+_HINTS = {
+    "AADSTS7000215": "auth.client_secret is wrong: use the secret's Value, not its Secret ID",
+    "AADSTS7000222": "the client secret has expired: create a new one and update auth.client_secret",
+    "AADSTS700016": "check auth.client_id and auth.tenant_id: the application is not in that tenant",
+    "AADSTS90002": "check auth.tenant_id: the tenant was not found",
+    "AADSTS500011": "check auth.scope: the API's Application ID URI is not known in this tenant",
+    "AADSTS700027": "the certificate is not registered on the app: upload it under Certificates & secrets",
+    "AADSTS500133": "the caller's token has expired: the client must get a new one",
+    "AADSTS65001": "the user or an admin has not consented to the API's scope",
+    "AADSTS7000218": "the app is a public client: enable 'Allow public client flows' or use a secret",
+}
+_NOT_RETRYABLE = {"invalid_client", "unauthorized_client", "invalid_scope", "invalid_request", "invalid_resource"}
+_CODE = re.compile(r"\bAADSTS\d+\b")
+
+
+def authority_url(auth: AuthConfig) -> str:
+    return f"{auth.authority_host}/{auth.tenant_id}"
+
+
+def msal_options(auth: AuthConfig, tls: TlsConfig) -> dict[str, Any]:
+    """Keyword arguments every msal application gets: authority, discovery and our pinned HTTP client."""
+    return {
+        "authority": authority_url(auth),
+        # Instance discovery asks login.microsoftonline.com about the host: useless off the public cloud
+        # (sovereign clouds, ADFS-like hosts, the local emulator) and it would fail offline.
+        "instance_discovery": auth.is_public_cloud,
+        "http_client": PinnedCASession(tls.ca_bundle),
+    }
+
+
+def error_from_result(result: dict[str, Any], *, status: int = 503) -> IdentityError:
+    """An msal error dict -> IdentityError with the AADSTS code, the first line of the description, a hint."""
+    error = str(result.get("error") or "error")
+    description = str(result.get("error_description") or error)
+    first_line = description.replace("\r", "").split("\n", 1)[0].strip()
+    codes = result.get("error_codes") or []
+    match = _CODE.search(first_line)
+    code = match.group(0) if match else (f"AADSTS{codes[0]}" if codes else None)
+    return IdentityError(
+        f"{error}: {first_line}",
+        code=code,
+        retryable=error not in _NOT_RETRYABLE,
+        status=status,
+        hint=_HINTS.get(code or ""),
+    )
+
+
+def token_from_result(result: dict[str, Any] | None, requested_at: float, *, status: int = 503) -> AccessToken:
+    if not result:
+        raise IdentityError("no token: the cache is empty and no sign-in happened", retryable=False, status=status)
+    if "access_token" not in result:
+        raise error_from_result(result, status=status)
+    expires_in = float(result.get("expires_in") or 0)
+    refresh_in = result.get("refresh_in")
+    return AccessToken(
+        token=str(result["access_token"]),
+        expires_on=requested_at + expires_in,
+        refresh_on=requested_at + float(refresh_in) if refresh_in else None,
+    )
+
+
+async def call_msal(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a blocking msal call in a thread; network failures become retryable IdentityErrors."""
+    try:
+        return await asyncio.to_thread(function, *args, **kwargs)
+    except requests.exceptions.SSLError as exc:
+        raise IdentityError(
+            f"TLS verification of the identity provider failed: {_short(exc)}",
+            retryable=True,
+            hint="set tls.ca_bundle to the CA that signs the identity provider's certificate",
+        ) from None
+    except requests.exceptions.Timeout:
+        raise IdentityError("the identity provider did not answer in time", retryable=True) from None
+    except requests.exceptions.RequestException as exc:
+        raise IdentityError(f"cannot reach the identity provider: {_short(exc)}", retryable=True) from None
+    except ValueError as exc:
+        # msal raises ValueError for a bad authority / unreadable discovery document
+        raise IdentityError(f"identity provider configuration problem: {_short(exc)}", retryable=True) from None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc)
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def now() -> float:
+    return time.time()
