@@ -98,6 +98,52 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _run(run_demo(chunk_delay=args.chunk_delay))
 
 
+def _signin_provider(settings: Settings, browser: bool) -> Any:
+    from sidecar.config import Flow
+    from sidecar.tokens.user_signin import DeviceCodeProvider, InteractiveProvider
+
+    if settings.auth.flow not in (Flow.DEVICE_CODE, Flow.INTERACTIVE):
+        raise ConfigError(
+            [f"auth.flow: login/logout are for device_code and interactive, not {settings.auth.flow.value}"]
+        )
+    if browser or settings.auth.flow is Flow.INTERACTIVE:
+        return InteractiveProvider(settings.auth, settings.tls)
+    return DeviceCodeProvider(settings.auth, settings.tls)
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    provider = _signin_provider(settings, args.browser)
+
+    async def login() -> int:
+        try:
+            user = await provider.login()
+        finally:
+            await provider.aclose()
+        print(f"signed in as {user}; token cache saved to {provider.cache_path}", file=sys.stderr)
+        return EXIT_OK
+
+    return _run(login())
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    provider = _signin_provider(settings, False)
+
+    async def logout() -> int:
+        try:
+            removed = await provider.logout()
+        finally:
+            await provider.aclose()
+        print(
+            f"signed out; removed {provider.cache_path}" if removed else "no saved sign-in to remove",
+            file=sys.stderr,
+        )
+        return EXIT_OK
+
+    return _run(logout())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sidecar",
@@ -121,17 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
     demo = command("demo", cmd_demo, "run an offline demo against the built-in emulators")
     demo.add_argument("--chunk-delay", type=float, default=0.15, help="seconds between streamed chunks")
-    _add_flow_commands(command)
+    login = command("login", cmd_login, "sign in as a user (device code, or --browser) and save the token cache")
+    login.add_argument("--browser", action="store_true", help="sign in through the system browser (interactive)")
+    logout = command("logout", cmd_logout, "remove the saved sign-in (the token cache file)")
+    for sub in (login, logout):
+        sub.add_argument("--config", help="YAML config file (default: $SIDECAR_CONFIG)")
     return parser
-
-
-def _add_flow_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
-    """Commands that belong to particular flows (sign-in); registered by the flow modules' CLI helpers."""
-    try:
-        from sidecar.signin_cli import register
-    except ImportError:
-        return
-    register(command)
 
 
 def main(argv: list[str] | None = None) -> int:

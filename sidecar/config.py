@@ -91,6 +91,16 @@ class TlsConfig(_Section):
         return value
 
 
+EXCLUDABLE_CREDENTIALS = (
+    "environment",
+    "workload_identity",
+    "managed_identity",
+    "shared_token_cache",
+    "visual_studio_code",
+    "azure_cli",
+    "azure_developer_cli",
+    "azure_powershell",
+)
 _SECRET_KEYS = ("client_secret", "client_secret_file", "certificate_path")
 _CONFIDENTIAL_FLOWS = {Flow.CLIENT_CREDENTIALS, Flow.ON_BEHALF_OF}
 _NEEDS_TENANT_AND_CLIENT = {Flow.CLIENT_CREDENTIALS, Flow.ON_BEHALF_OF, Flow.DEVICE_CODE, Flow.INTERACTIVE}
@@ -157,6 +167,19 @@ class AuthConfig(_Section):
         elif given:
             problems.append(
                 f"auth.{given[0]}: not used by auth.flow={self.flow.value}; remove it or change auth.flow"
+            )
+        if self.flow is Flow.MANAGED_IDENTITY:
+            named = [key for key in ("client_id", "object_id", "resource_id") if getattr(self, key)]
+            if len(named) > 1:
+                problems.append(
+                    f"auth.{named[1]}: a user-assigned identity is named by one of auth.client_id, auth.object_id, "
+                    f"auth.resource_id (got {', '.join('auth.' + k for k in named)})"
+                )
+        unknown = [name for name in self.exclude_credentials if name not in EXCLUDABLE_CREDENTIALS]
+        if unknown:
+            problems.append(
+                f"auth.exclude_credentials: unknown {', '.join(unknown)}; choose from "
+                + ", ".join(EXCLUDABLE_CREDENTIALS)
             )
         if problems:
             raise ValueError("\n".join(problems))

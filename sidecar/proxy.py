@@ -168,7 +168,9 @@ class Proxy:
                 skip_auto_headers=_NO_AUTO_HEADERS,
             )
         except aiohttp.ClientConnectorError as exc:
-            raise _UpstreamFailure(502, "UpstreamUnreachable", f"cannot connect to the upstream: {exc.os_error}")
+            raise _UpstreamFailure(
+                502, "UpstreamUnreachable", f"cannot connect to the upstream: {exc.os_error}"
+            ) from None
         except aiohttp.ConnectionTimeoutError:
             raise _UpstreamFailure(502, "UpstreamUnreachable", "connecting to the upstream timed out") from None
         except (aiohttp.ServerTimeoutError, TimeoutError):

@@ -52,4 +52,7 @@ def build_authorizer(
     built = build_provider(settings)
     if isinstance(built, TokenProvider):
         return TokenManager(built, refresh_margin=settings.auth.refresh_margin, observer=observer, retry=retry)
+    set_observer = getattr(built, "set_observer", None)
+    if set_observer is not None:
+        set_observer(observer)
     return built

@@ -64,9 +64,10 @@ def _fingerprint(credential: str | dict[str, Any]) -> str:
 class ConfidentialApp:
     """One msal ConfidentialClientApplication, rebuilt when the credential behind it changes."""
 
-    def __init__(self, auth: AuthConfig, tls: TlsConfig) -> None:
+    def __init__(self, auth: AuthConfig, tls: TlsConfig, token_cache: msal.TokenCache | None = None) -> None:
         self._auth = auth
         self._tls = tls
+        self._token_cache = token_cache
         self._app: msal.ConfidentialClientApplication | None = None
         self._fingerprint = ""
 
@@ -78,6 +79,7 @@ class ConfidentialApp:
             self._app = msal.ConfidentialClientApplication(
                 client_id=self._auth.client_id,
                 client_credential=credential,
+                token_cache=self._token_cache,
                 **_msal.msal_options(self._auth, self._tls),
             )
             self._fingerprint = fingerprint

@@ -74,6 +74,8 @@ class TokenManager:
         self._inflight: asyncio.Future[AccessToken] | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        # How long a request may wait for a fetch in flight; sign-in flows say 0 (a person may take minutes).
+        self._max_wait: float = getattr(provider, "max_wait", 30.0)
 
     # -- the proxy's side -----------------------------------------------------------------------------
 
@@ -112,7 +114,7 @@ class TokenManager:
         current = self._current
         if current is not None and current.token != rejected and self._valid(current):
             return current.token  # someone already replaced the rejected token
-        return (await self._refresh_once()).token
+        return (await self._refresh_once(self._max_wait)).token
 
     async def get(self) -> AccessToken:
         """A valid token: the cached one, or a fresh one if none is valid (single-flight)."""
@@ -122,7 +124,7 @@ class TokenManager:
             return current
         if self._inflight is None and time.monotonic() < self._next_attempt and self._last_error is not None:
             raise self._last_error  # the provider failed moments ago; don't hammer it once per request
-        return await self._refresh_once()
+        return await self._refresh_once(self._max_wait)
 
     # -- refreshing -----------------------------------------------------------------------------------
 
@@ -130,13 +132,20 @@ class TokenManager:
     def _valid(token: AccessToken | None) -> bool:
         return token is not None and token.expires_on - time.time() > EXPIRY_SKEW
 
-    async def _refresh_once(self) -> AccessToken:
+    async def _refresh_once(self, max_wait: float | None = None) -> AccessToken:
         """Join the refresh in flight, or start one. Every waiter gets the same token or the same error."""
-        if self._inflight is None:
-            self._inflight = asyncio.get_running_loop().create_future()
-            task = asyncio.create_task(self._fetch_into(self._inflight), name=f"token-fetch-{self.flow}")
+        inflight = self._inflight
+        if inflight is None:
+            inflight = self._inflight = asyncio.get_running_loop().create_future()
+            task = asyncio.create_task(self._fetch_into(inflight), name=f"token-fetch-{self.flow}")
             task.add_done_callback(_consume)
-        return await asyncio.shield(self._inflight)
+        if max_wait is None:
+            return await asyncio.shield(inflight)
+        try:
+            return await asyncio.wait_for(asyncio.shield(inflight), timeout=max_wait or 0.01)
+        except TimeoutError:
+            pending = getattr(self.provider, "pending_message", "still waiting for the identity provider")
+            raise IdentityError(pending, retryable=True) from None
 
     async def _fetch_into(self, future: asyncio.Future[AccessToken]) -> None:
         started = time.monotonic()
