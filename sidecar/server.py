@@ -8,11 +8,14 @@ import ipaddress
 import logging
 import signal
 import time
+from dataclasses import dataclass
 
 from aiohttp import web
 
 from sidecar.app import STATE, build_app
 from sidecar.config import Settings
+from sidecar.tokens.base import Authorizer
+from sidecar.tokens.manager import RetryPolicy
 
 log = logging.getLogger("sidecar")
 
@@ -36,12 +39,41 @@ def make_runner(app: web.Application, settings: Settings) -> web.AppRunner:
     )
 
 
-async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> int:
-    app = build_app(settings)
+@dataclass
+class RunningSidecar:
+    """A started sidecar; `url` has the real port when the config asked for port 0."""
+
+    app: web.Application
+    runner: web.AppRunner
+    site: web.TCPSite
+    url: str
+
+    async def aclose(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start(
+    settings: Settings, *, authorizer: Authorizer | None = None, retry: RetryPolicy | None = None
+) -> RunningSidecar:
+    app = build_app(settings, authorizer=authorizer, retry=retry)
     runner = make_runner(app, settings)
     await runner.setup()
     site = web.TCPSite(runner, settings.listen.host, settings.listen.port, reuse_address=True)
-    await site.start()
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    server = site._server
+    port = server.sockets[0].getsockname()[1] if server is not None and server.sockets else settings.listen.port
+    host = settings.listen.host
+    shown = f"[{host}]" if ":" in host else host
+    return RunningSidecar(app, runner, site, f"http://{shown}:{port}")
+
+
+async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> int:
+    running = await start(settings)
+    app, runner, site = running.app, running.runner, running.site
     if not is_loopback(settings.listen.host) and not settings.inbound.api_keys:
         log.warning(
             "!!! listening on %s without inbound.api_keys: anyone who can reach this port gets requests signed "
@@ -49,8 +81,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> in
             settings.listen.host,
         )
     log.info(
-        "sidecar listening on http://%s:%d -> %s (flow %s)",
-        settings.listen.host, settings.listen.port, settings.upstream.url, settings.auth.flow.value,
+        "sidecar listening on %s -> %s (flow %s)", running.url, settings.upstream.url, settings.auth.flow.value,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -74,8 +74,15 @@ class AppServer:
 
     async def stop(self) -> None:
         runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        if runner is None:
+            return
+        transports = [h.transport for h in runner.server.connections] if runner.server else []
+        await runner.cleanup()
+        # A closed TLS connection waits (up to 30 s) for the client's close_notify; an idle
+        # keep-alive client never sends it, so the socket would outlive the event loop.
+        for transport in transports:
+            if transport is not None:
+                transport.abort()
 
 
 def _connectable_host(bind_host: str) -> str:

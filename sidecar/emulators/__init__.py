@@ -1,0 +1,29 @@
+"""Local emulators for offline demos and tests: Entra ID, managed identity, and the secured upstream.
+
+The real msal and azure-identity libraries talk to these over HTTP(S); nothing is monkeypatched.
+"""
+
+from sidecar.emulators.aadsts import EntraError
+from sidecar.emulators.entra import DEFAULT_TENANT_ID, EntraEmulator
+from sidecar.emulators.managed_identity import ManagedIdentity, ManagedIdentityEmulator
+from sidecar.emulators.stack import DEMO_AUDIENCE, DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, Stack, start_stack
+from sidecar.emulators.tls import TestCA
+from sidecar.emulators.upstream import UpstreamEmulator
+from sidecar.emulators.upstream_script import RecordedRequest, Scripted
+
+__all__ = [
+    "DEFAULT_TENANT_ID",
+    "DEMO_AUDIENCE",
+    "DEMO_CLIENT_ID",
+    "DEMO_CLIENT_SECRET",
+    "EntraEmulator",
+    "EntraError",
+    "ManagedIdentity",
+    "ManagedIdentityEmulator",
+    "RecordedRequest",
+    "Scripted",
+    "Stack",
+    "TestCA",
+    "UpstreamEmulator",
+    "start_stack",
+]
