@@ -19,7 +19,7 @@ from aiohttp import web
 from sidecar.config import Flow, Settings, read_secret_file
 from sidecar.errors import error_response
 from sidecar.metrics import Metrics
-from sidecar.proxy import Exchange, Proxy
+from sidecar.proxy import EXCHANGE, Proxy
 from sidecar.routes import route_family
 from sidecar.tokens import build_authorizer
 from sidecar.tokens.base import Authorizer
@@ -111,7 +111,7 @@ def _account(
     metrics: Metrics,
     log_access: bool,
 ) -> None:
-    exchange: Exchange | None = request.get("exchange")
+    exchange = request.get(EXCHANGE)
     route = exchange.route if exchange else route_family(request.path)
     status = response.status if response is not None else 499  # 499: the caller went away
     metrics.requests.labels(request.method, f"{status // 100}xx", route).inc()

@@ -61,6 +61,9 @@ class Exchange:
     bytes_out: int = 0
 
 
+EXCHANGE = web.RequestKey("exchange", Exchange)
+
+
 def filter_headers(headers: Mapping[str, str], drop: frozenset[str] | set[str]) -> CIMultiDict[str]:
     """Copy headers minus `drop` and whatever the Connection header names as hop-by-hop."""
     listed = {
@@ -108,7 +111,7 @@ class Proxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         exchange = Exchange(route=route_family(request.path))
-        request["exchange"] = exchange
+        request[EXCHANGE] = exchange
         try:
             return await self._forward(request, exchange)
         except IdentityError as exc:

@@ -30,6 +30,11 @@ from sidecar.emulators._server import AppServer
 from sidecar.emulators.entra import EntraEmulator
 from sidecar.emulators.entra_directory import stable_oid
 
+# azure-identity's aio credentials put identity_config on the wire verbatim, so {"resource_id": ...}
+# arrives as an unknown parameter (the sync ones translate it through msal). The real endpoints would
+# not select the identity from it; fail loudly instead of silently serving the system identity.
+_RESOURCE_ID_HINT = "Unsupported query parameter 'resource_id': this endpoint selects by '{expected}'."
+
 APP_SERVICE_PATH = "/msi/token"
 IMDS_PATH = "/metadata/identity/oauth2/token"
 
@@ -191,6 +196,8 @@ class ManagedIdentityEmulator:
         resource = query.get("resource", "").rstrip("/")
         if not resource:
             return error(400, "No resource parameter specified.")
+        if "resource_id" in query:
+            return error(400, _RESOURCE_ID_HINT.format(expected="mi_res_id"))
         identity = self._select(query, ("mi_res_id",))
         if identity is None:
             return error(400, "No MSI found for specified ClientId/ResourceId.")
@@ -224,6 +231,8 @@ class ManagedIdentityEmulator:
         resource = query.get("resource", "").rstrip("/")
         if not resource:
             return error("invalid_request", "Required query variable 'resource' is missing")
+        if "resource_id" in query:
+            return error("invalid_request", _RESOURCE_ID_HINT.format(expected="msi_res_id"))
         identity = self._select(query, ("msi_res_id", "mi_res_id"))
         if identity is None:
             return error("invalid_request", "Identity not found")

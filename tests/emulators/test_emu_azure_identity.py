@@ -123,6 +123,10 @@ async def test_managed_identity_app_service_user_assigned(
     async with ManagedIdentityCredential(client_id="not-assigned") as credential:
         with pytest.raises(ClientAuthenticationError, match="No MSI found"):
             await credential.get_token(DEMO_SCOPE)
+    # The aio credential sends identity_config as-is: "resource_id" is not the App Service parameter.
+    async with ManagedIdentityCredential(identity_config={"resource_id": uami.resource_id}) as credential:
+        with pytest.raises(ClientAuthenticationError, match="mi_res_id"):
+            await credential.get_token(DEMO_SCOPE)
 
 
 async def test_managed_identity_imds(

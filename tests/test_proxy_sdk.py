@@ -1,0 +1,205 @@
+"""The proxy as applications use it: the real openai SDK (sync and async) through the sidecar."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import time
+
+import openai
+import pytest
+from conftest import StartSidecar, config_for
+from openai import AsyncAzureOpenAI, AzureOpenAI
+
+from sidecar.emulators import Scripted, Stack
+from sidecar.server import RunningSidecar
+from sidecar.tokens.claims import unverified_claims
+
+API_VERSION = "2024-06-01"
+AUDIO = bytes(range(256)) * 4096 + b"\x00tail\xff"  # 1 MiB + a few bytes, every byte value
+
+
+def async_client(sidecar: RunningSidecar, **kwargs: object) -> AsyncAzureOpenAI:
+    return AsyncAzureOpenAI(
+        azure_endpoint=sidecar.url, api_key="caller-key-must-not-leak", api_version=API_VERSION, **kwargs
+    )
+
+
+def sync_client(sidecar: RunningSidecar, **kwargs: object) -> AzureOpenAI:
+    return AzureOpenAI(azure_endpoint=sidecar.url, api_key="caller-key-must-not-leak", api_version=API_VERSION, **kwargs)
+
+
+def assert_upstream_saw_only_our_token(stack: Stack) -> None:
+    assert stack.upstream.requests
+    for seen in stack.upstream.requests:
+        assert seen.headers.getall("Authorization") == [seen.headers["Authorization"]]
+        assert seen.headers["Authorization"].startswith("Bearer ")
+        assert seen.claims is not None and seen.claims["aud"] == stack.audience
+        assert seen.claims["appid"] == stack.client_id
+        assert "api-key" not in seen.headers
+
+
+async def test_async_sdk_chat_stream_embeddings_transcription(stack: Stack, sidecar: RunningSidecar) -> None:
+    client = async_client(sidecar)
+    chat = await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    assert "hello from upstream" in (chat.choices[0].message.content or "")
+    assert f"aud={stack.audience}" in (chat.choices[0].message.content or "")
+
+    stream = await client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    pieces = [c.choices[0].delta.content async for c in stream if c.choices and c.choices[0].delta.content]
+    assert len(pieces) >= 2
+    assert "hello from upstream" in "".join(pieces)
+
+    embedding = await client.embeddings.create(model="text-embedding-3-small", input="x")
+    assert len(embedding.data[0].embedding) > 0
+
+    transcription = await client.audio.transcriptions.create(
+        model="whisper", file=("speech.wav", io.BytesIO(AUDIO), "audio/wav")
+    )
+    assert transcription.text == f"sha256={hashlib.sha256(AUDIO).hexdigest()} size={len(AUDIO)}"
+    await client.close()
+
+    paths = [r.path_qs for r in stack.upstream.requests]
+    assert all(p.startswith("/api/openai/deployments/") for p in paths)  # upstream base path kept
+    assert all(f"api-version={API_VERSION}" in p for p in paths)
+    assert_upstream_saw_only_our_token(stack)
+
+
+async def test_sync_sdk_through_the_sidecar(stack: Stack, sidecar: RunningSidecar) -> None:
+    def calls() -> tuple[str, list[str], int, str]:
+        with sync_client(sidecar) as client:
+            chat = client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=[{"role": "user", "content": "hi"}],
+                extra_query={"tag": ["a", "b"], "empty": ""},
+            )
+            stream = client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
+            )
+            pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+            embedding = client.embeddings.create(model="text-embedding-3-small", input=["a", "b"])
+            text = client.audio.transcriptions.create(model="whisper", file=("a.mp3", AUDIO, "audio/mpeg")).text
+            return chat.choices[0].message.content or "", pieces, len(embedding.data), text
+
+    # the sync SDK blocks: run it in a thread so this loop keeps serving the sidecar and the emulators
+    content, pieces, embeddings, text = await asyncio.to_thread(calls)
+    assert "hello from upstream" in content
+    assert pieces
+    assert embeddings == 2
+    assert text == f"sha256={hashlib.sha256(AUDIO).hexdigest()} size={len(AUDIO)}"
+    first = stack.upstream.requests[0].path_qs
+    # exactly the caller's bytes: repeated keys, their percent-encoding, the empty value
+    assert first == f"/api/openai/deployments/gpt-4o-mini/chat/completions?api-version={API_VERSION}&tag%5B%5D=a&tag%5B%5D=b&empty="
+    assert_upstream_saw_only_our_token(stack)
+
+
+async def test_v1_api_with_plain_openai_client(stack: Stack, sidecar: RunningSidecar) -> None:
+    client = openai.AsyncOpenAI(base_url=sidecar.url + "/openai/v1/", api_key="unused")
+    chat = await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    assert "hello from upstream" in (chat.choices[0].message.content or "")
+    await client.close()
+    assert stack.upstream.requests[0].path_qs == "/api/openai/v1/chat/completions"
+    assert_upstream_saw_only_our_token(stack)
+
+
+async def test_stream_is_not_buffered(stack: Stack, sidecar: RunningSidecar) -> None:
+    stack.upstream.stream_delay = 0.4
+    stack.upstream.stream_chunks = 5
+    client = async_client(sidecar)
+    started = time.monotonic()
+    stream = await client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    events_sent_when_first_arrived = None
+    arrivals = []
+    async for _chunk in stream:
+        arrivals.append(time.monotonic() - started)
+        if events_sent_when_first_arrived is None:
+            events_sent_when_first_arrived = len(stack.upstream.stream_events)
+    await client.close()
+    total_events = len(stack.upstream.stream_events)
+    # the caller held the first event while the upstream had sent only the first of its events
+    assert events_sent_when_first_arrived is not None and events_sent_when_first_arrived < total_events
+    assert arrivals[0] < 0.35
+    assert arrivals[-1] - arrivals[0] > 1.0  # later chunks came later: they were not held back and batched
+
+
+async def test_rate_limit_headers_reach_the_caller(stack: Stack, sidecar: RunningSidecar) -> None:
+    stack.upstream.script(Scripted.rate_limited(7, remaining_requests=0, remaining_tokens=12))
+    client = async_client(sidecar, max_retries=0)
+    with pytest.raises(openai.RateLimitError) as caught:
+        await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    await client.close()
+    headers = caught.value.response.headers
+    assert headers["retry-after"] == "7"
+    assert headers["retry-after-ms"] == "7000"
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert headers["x-ratelimit-remaining-tokens"] == "12"
+    assert caught.value.status_code == 429
+
+
+async def test_reset_mid_stream_is_an_error_not_a_clean_end(stack: Stack, sidecar: RunningSidecar) -> None:
+    stack.upstream.script(Scripted.stream_reset(after_bytes=200))
+    client = async_client(sidecar, max_retries=0)
+    stream = await client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    with pytest.raises((openai.APIError, Exception)) as caught:  # noqa: PT011 - any transport error will do
+        async for _chunk in stream:
+            pass
+    await client.close()
+    assert "StopAsyncIteration" not in repr(caught.value)
+
+
+async def test_cold_start_burst_makes_one_token_request(stack: Stack, run_sidecar: StartSidecar) -> None:
+    running = await run_sidecar(config_for(stack))  # not waiting for readiness: the burst races the first token
+    client = async_client(running)
+
+    async def call() -> str:
+        answer = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        return answer.choices[0].message.content or ""
+
+    first = await asyncio.gather(*(call() for _ in range(100)))
+    second = await asyncio.gather(*(call() for _ in range(100)))
+    await client.close()
+    assert all("hello from upstream" in answer for answer in first + second)
+    assert stack.entra.token_requests == 1
+    assert len(stack.upstream.requests) == 200
+
+
+async def test_upstream_401_once_refreshes_and_replays(stack: Stack, sidecar: RunningSidecar) -> None:
+    stack.upstream.script(Scripted.unauthorized())
+    client = async_client(sidecar, max_retries=0)
+    answer = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    await client.close()
+    assert "hello from upstream" in (answer.choices[0].message.content or "")
+    assert stack.entra.token_requests == 2
+    rejected, replayed = stack.upstream.requests
+    assert rejected.body_sha256 == replayed.body_sha256
+    assert rejected.headers["Authorization"] != replayed.headers["Authorization"]
+
+
+async def test_short_lived_tokens_rotate_without_a_single_failure(stack: Stack, run_sidecar: StartSidecar) -> None:
+    stack.entra.token_lifetime = 8
+    running = await run_sidecar(config_for(stack, auth={"refresh_margin": 5}))
+    client = async_client(running, max_retries=0)
+    statuses: list[int] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        response = await client.chat.completions.with_raw_response.create(
+            model="m", messages=[{"role": "user", "content": "hi"}]
+        )
+        statuses.append(response.status_code)
+        await asyncio.sleep(0.05)
+    await client.close()
+    tokens = {r.headers["Authorization"] for r in stack.upstream.requests}
+    assert set(statuses) == {200}
+    assert len(statuses) > 100
+    assert len(tokens) >= 5  # ~30 s / ~3 s per token
+    # the upstream checks exp on every request (401 otherwise): all 200 means no expired token was sent;
+    # and exactly one identity-provider call per token
+    assert stack.entra.token_requests == len(tokens)
+    assert all(unverified_claims(t.split()[1])["aud"] == stack.audience for t in tokens)
