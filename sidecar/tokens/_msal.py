@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import msal
 import requests
 
 from sidecar.config import AuthConfig, TlsConfig
@@ -93,6 +94,11 @@ async def call_msal(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise IdentityError("the identity provider did not answer in time", retryable=True) from None
     except requests.exceptions.RequestException as exc:
         raise IdentityError(f"cannot reach the identity provider: {_short(exc)}", retryable=True) from None
+    except msal.exceptions.MsalServiceError as exc:
+        # msal raises (rather than returning the error body) when the provider answers 5xx
+        raise IdentityError(
+            f"the identity provider is failing ({_short(exc)})", retryable=True
+        ) from None
     except ValueError as exc:
         # msal raises ValueError for a bad authority / unreadable discovery document
         raise IdentityError(f"identity provider configuration problem: {_short(exc)}", retryable=True) from None

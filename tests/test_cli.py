@@ -1,0 +1,107 @@
+"""The command line as operators use it: subprocesses, exit codes, what is printed (and what never is)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+import yaml
+from conftest import config_for, run_cli
+
+from sidecar.emulators import Stack
+from sidecar.tokens.claims import unverified_claims
+
+
+def write_config(tmp_path: Path, config: dict) -> str:
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+async def test_check_prints_claims_never_the_token(stack: Stack, tmp_path: Path) -> None:
+    code, out, err = await run_cli("check", "--config", write_config(tmp_path, config_for(stack)))
+    assert code == 0, err
+    assert f"aud                {stack.audience}" in out
+    assert f"appid              {stack.client_id}" in out
+    for claim in ("iss", "tid", "roles", "exp"):
+        assert f"  {claim} " in out
+    assert "expires in 59 min" in out or "expires in 60 min" in out
+    assert "eyJ" not in out + err
+    assert stack.client_secret not in out + err
+
+
+async def test_check_with_wrong_secret_exits_1_with_the_aadsts_code(stack: Stack, tmp_path: Path) -> None:
+    config = config_for(stack, auth={"client_secret": "definitely-the-wrong-secret"})
+    code, out, err = await run_cli("check", "--config", write_config(tmp_path, config))
+    assert code == 1
+    assert "AADSTS7000215" in err
+    assert "Secret ID" in err  # the hint: the secret's value, not its id
+    assert "definitely-the-wrong-secret" not in out + err
+    assert "Traceback" not in err
+
+
+async def test_token_prints_a_raw_token_for_curl(stack: Stack, tmp_path: Path) -> None:
+    code, out, err = await run_cli("token", "--config", write_config(tmp_path, config_for(stack)))
+    assert code == 0, err
+    token = out.strip()
+    assert unverified_claims(token)["aud"] == stack.audience
+    assert token not in err
+
+
+async def test_env_overrides_the_file(stack: Stack, tmp_path: Path) -> None:
+    config = config_for(stack, auth={"client_secret": "wrong-in-the-file"})
+    code, out, err = await run_cli(
+        "check", env={"SIDECAR_CONFIG": write_config(tmp_path, config), "SIDECAR_AUTH__CLIENT_SECRET": stack.client_secret}
+    )
+    assert code == 0, err
+
+
+async def test_serve_runs_and_stops_on_sigterm(stack: Stack, tmp_path: Path) -> None:
+    config = config_for(stack, listen={"port": 0})
+    config["listen"]["port"] = _free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidecar", "serve", "--config", write_config(tmp_path, config),
+        stderr=asyncio.subprocess.PIPE, env=dict(os.environ),
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{config['listen']['port']}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(200):
+                try:
+                    async with http.get(url + "/readyz") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.05)
+            async with http.get(url + "/openai/models?api-version=2024-06-01") as response:
+                assert response.status == 200
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.stderr is not None
+    err = (await process.stderr.read()).decode()
+    assert "sidecar listening on" in err
+    assert "eyJ" not in err and stack.client_secret not in err
+
+
+async def test_demo_exits_0() -> None:
+    code, out, err = await run_cli("demo", "--chunk-delay", "0.02", timeout=120)
+    assert code == 0, out + err
+    assert "demo passed" in out
+    assert "requests carrying an api-key: 0" in out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
