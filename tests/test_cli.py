@@ -10,7 +10,7 @@ from pathlib import Path
 
 import aiohttp
 import yaml
-from conftest import config_for, run_cli
+from harness import config_for, run_cli
 
 from sidecar.emulators import Stack
 from sidecar.tokens.claims import unverified_claims
@@ -54,8 +54,9 @@ async def test_token_prints_a_raw_token_for_curl(stack: Stack, tmp_path: Path) -
 
 async def test_env_overrides_the_file(stack: Stack, tmp_path: Path) -> None:
     config = config_for(stack, auth={"client_secret": "wrong-in-the-file"})
-    code, out, err = await run_cli(
-        "check", env={"SIDECAR_CONFIG": write_config(tmp_path, config), "SIDECAR_AUTH__CLIENT_SECRET": stack.client_secret}
+    code, _, err = await run_cli(
+        "check",
+        env={"SIDECAR_CONFIG": write_config(tmp_path, config), "SIDECAR_AUTH__CLIENT_SECRET": stack.client_secret},
     )
     assert code == 0, err
 

@@ -29,9 +29,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sidecar", *args], capture_output=True, text=True, timeout=60, env=env
-    )
+    return subprocess.run([sys.executable, "-m", "sidecar", *args], capture_output=True, text=True, timeout=60, env=env)
 
 
 @pytest.fixture(autouse=True)
@@ -79,15 +77,25 @@ def test_everything_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
         (GOOD.replace("  url: https://func.example.net/api\n", "  connect_timeout: 3\n"), ["upstream.url: missing"]),
         (GOOD.replace("client_credentials", "magic"), ["auth.flow:", "client_credentials"]),
         (GOOD + "  client_secret_file: /etc/hostname\n", ["auth.client_secret", "exactly one of"]),
-        (GOOD.replace("client_secret: hunter2-secret", "client_secret_file: /nonexistent/secret"),
-         ["auth.client_secret_file: cannot read '/nonexistent/secret'"]),
+        (
+            GOOD.replace("client_secret: hunter2-secret", "client_secret_file: /nonexistent/secret"),
+            ["auth.client_secret_file: cannot read '/nonexistent/secret'"],
+        ),
         ("upstream: [unclosed\n", ["not valid YAML at line"]),
         (GOOD.replace("upstream:", "upstreem:"), ["upstreem: unknown key"]),
         (GOOD.replace("scope: api://demo/.default", "scope: ''"), ["auth.scope"]),
         (GOOD.replace("https://func.example.net/api", "ftp://x"), ["upstream.url: must be an http(s) URL"]),
     ],
-    ids=["missing-url", "unknown-flow", "two-secrets", "unreadable-secret-file", "bad-yaml", "typo", "empty-scope",
-         "bad-url"],
+    ids=[
+        "missing-url",
+        "unknown-flow",
+        "two-secrets",
+        "unreadable-secret-file",
+        "bad-yaml",
+        "typo",
+        "empty-scope",
+        "bad-url",
+    ],
 )
 def test_config_errors_name_the_key(tmp_path: Path, text: str, expected: list[str]) -> None:
     with pytest.raises(ConfigError) as caught:

@@ -12,8 +12,8 @@ import time
 import aiohttp
 import pytest
 from aiohttp import web
+from harness import StartSidecar, config_for, wait_ready
 from yarl import URL
-from conftest import StartSidecar, config_for, wait_ready
 
 from sidecar.emulators import Scripted, Stack
 from sidecar.server import RunningSidecar
@@ -64,7 +64,9 @@ async def test_upstream_sees_one_bearer_no_api_key_no_hop_by_hop_its_own_host(
     assert seen.body_sha256 == hashlib.sha256(BODY).hexdigest()
 
 
-async def test_gzip_response_passes_byte_exact(stack: Stack, sidecar: RunningSidecar, http: aiohttp.ClientSession) -> None:
+async def test_gzip_response_passes_byte_exact(
+    stack: Stack, sidecar: RunningSidecar, http: aiohttp.ClientSession
+) -> None:
     scripted = Scripted.gzip_json({"id": "x", "object": "chat.completion", "choices": []})
     stack.upstream.script(scripted)
     async with http.post(sidecar.url + CHAT, data=BODY, headers={"Content-Type": "application/json"}) as response:
@@ -206,7 +208,9 @@ async def test_caller_disconnect_closes_the_upstream_stream(
     assert stack.upstream.streams_closed_early == 1
 
 
-async def test_guards_health_and_not_found(stack: Stack, run_sidecar: StartSidecar, http: aiohttp.ClientSession) -> None:
+async def test_guards_health_and_not_found(
+    stack: Stack, run_sidecar: StartSidecar, http: aiohttp.ClientSession
+) -> None:
     stack.entra.fail_mode = "hang"  # no first token yet
     running = await run_sidecar(config_for(stack, inbound={"api_keys": ["key-one", "key-two"]}))
     async with http.get(running.url + "/healthz") as response:

@@ -9,7 +9,7 @@ import time
 
 import openai
 import pytest
-from conftest import StartSidecar, config_for
+from harness import StartSidecar, config_for
 from openai import AsyncAzureOpenAI, AzureOpenAI
 
 from sidecar.emulators import Scripted, Stack
@@ -27,7 +27,9 @@ def async_client(sidecar: RunningSidecar, **kwargs: object) -> AsyncAzureOpenAI:
 
 
 def sync_client(sidecar: RunningSidecar, **kwargs: object) -> AzureOpenAI:
-    return AzureOpenAI(azure_endpoint=sidecar.url, api_key="caller-key-must-not-leak", api_version=API_VERSION, **kwargs)
+    return AzureOpenAI(
+        azure_endpoint=sidecar.url, api_key="caller-key-must-not-leak", api_version=API_VERSION, **kwargs
+    )
 
 
 def assert_upstream_saw_only_our_token(stack: Stack) -> None:
@@ -92,7 +94,8 @@ async def test_sync_sdk_through_the_sidecar(stack: Stack, sidecar: RunningSideca
     assert text == f"sha256={hashlib.sha256(AUDIO).hexdigest()} size={len(AUDIO)}"
     first = stack.upstream.requests[0].path_qs
     # exactly the caller's bytes: repeated keys, their percent-encoding, the empty value
-    assert first == f"/api/openai/deployments/gpt-4o-mini/chat/completions?api-version={API_VERSION}&tag%5B%5D=a&tag%5B%5D=b&empty="
+    path = "/api/openai/deployments/gpt-4o-mini/chat/completions"
+    assert first == f"{path}?api-version={API_VERSION}&tag%5B%5D=a&tag%5B%5D=b&empty="
     assert_upstream_saw_only_our_token(stack)
 
 
@@ -147,7 +150,7 @@ async def test_reset_mid_stream_is_an_error_not_a_clean_end(stack: Stack, sideca
     stream = await client.chat.completions.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
     )
-    with pytest.raises((openai.APIError, Exception)) as caught:  # noqa: PT011 - any transport error will do
+    with pytest.raises((openai.APIError, Exception)) as caught:
         async for _chunk in stream:
             pass
     await client.close()

@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import aiohttp
-from conftest import StartSidecar, config_for, wait_ready
+from harness import StartSidecar, config_for, wait_ready
 
 from sidecar.emulators import Stack
 from sidecar.tokens.base import IdentityError

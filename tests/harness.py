@@ -1,0 +1,101 @@
+"""What the tests share: config for the emulator stack, starting sidecars, running the CLI, the log watch.
+
+A plain module (not conftest) so that test files can import it by a name no other folder uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sidecar.app import AUTHORIZER
+from sidecar.emulators import Stack
+from sidecar.server import RunningSidecar
+from sidecar.tokens.manager import RetryPolicy
+
+FAST_RETRY = RetryPolicy(first_delay=0.1, max_delay=0.5)
+JWT = re.compile(r"eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]*")
+
+
+class LogWatch(logging.Handler):
+    """Keeps every formatted log line of the session; at the end no secret and no token may be in them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self.secrets: set[str] = set()
+        self.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.append(self.format(record))
+        except Exception:  # a broken record must not hide the others
+            self.lines.append(repr(record.msg))
+
+    def leaks(self, extra_text: str = "") -> list[str]:
+        text = "\n".join(self.lines) + extra_text
+        found = [f"a token ({m[:12]}...)" for m in JWT.findall(text)]
+        found += [f"the secret {s[:3]}..." for s in self.secrets if s in text]
+        return found
+
+
+_WATCH = LogWatch()  # one per test session: the conftest fixture installs and checks it
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def config_for(stack: Stack, **overrides: Any) -> dict[str, Any]:
+    """The client-credentials configuration for the emulator stack, as the YAML file would hold it."""
+    base = {
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "upstream": {"url": stack.upstream_url, "read_timeout": 5},
+        "tls": {"ca_bundle": str(stack.ca_pem_path)},
+        "auth": {
+            "flow": "client_credentials",
+            "scope": stack.scope,
+            "tenant_id": stack.tenant_id,
+            "client_id": stack.client_id,
+            "client_secret": stack.client_secret,
+            "authority_host": stack.authority_host,
+        },
+    }
+    return merge(base, overrides)
+
+
+StartSidecar = Callable[..., Awaitable[RunningSidecar]]
+
+
+async def wait_ready(sidecar: RunningSidecar, timeout: float = 10.0) -> None:
+    authorizer = sidecar.app[AUTHORIZER]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not authorizer.is_ready():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("sidecar never became ready")
+        await asyncio.sleep(0.01)
+
+
+async def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> tuple[int, str, str]:
+    """Run `python -m sidecar ...` without blocking the loop (the emulators in this process must answer)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidecar", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
+    assert process.returncode is not None
+    out, err = stdout.decode(), stderr.decode()
+    _WATCH.lines.append(err)  # the CLI's log output is log output too
+    return process.returncode, out, err
