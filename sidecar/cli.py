@@ -21,6 +21,9 @@ def _secrets_of(settings: Settings) -> list[str]:
     """Every configured secret value, so the log redactor can scrub them even if a library echoes one."""
     values = [key.get_secret_value() for key in settings.inbound.api_keys]
     values += [value.get_secret_value() for value in settings.upstream.headers.values()]
+    for path in settings.upstream.headers_files.values():
+        with contextlib.suppress(OSError):
+            values.append(read_secret_file(path))
     auth = settings.auth
     if auth.client_secret is not None:
         values.append(auth.client_secret.get_secret_value())

@@ -29,6 +29,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def warn_if_exposed(settings: Settings) -> None:
+    if not is_loopback(settings.listen.host) and not settings.inbound.api_keys:
+        log.warning(
+            "!!! listening on %s without inbound.api_keys: anyone who can reach this port gets requests signed "
+            "with this identity's token. Set inbound.api_keys, or listen on 127.0.0.1. !!!",
+            settings.listen.host,
+        )
+
+
 def make_runner(app: web.Application, settings: Settings) -> web.AppRunner:
     return web.AppRunner(
         app,
@@ -74,12 +83,7 @@ async def start(
 async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> int:
     running = await start(settings)
     app, runner, site = running.app, running.runner, running.site
-    if not is_loopback(settings.listen.host) and not settings.inbound.api_keys:
-        log.warning(
-            "!!! listening on %s without inbound.api_keys: anyone who can reach this port gets requests signed "
-            "with this identity's token. Set inbound.api_keys, or listen on 127.0.0.1. !!!",
-            settings.listen.host,
-        )
+    warn_if_exposed(settings)
     log.info(
         "sidecar listening on %s -> %s (flow %s)", running.url, settings.upstream.url, settings.auth.flow.value,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import io
 import json
 import socket
 import time
@@ -247,3 +248,58 @@ async def test_guards_health_and_not_found(
             assert response.status == 400, path
             assert (await response.json())["error"]["code"] == "InvalidPath"
     assert len(stack.upstream.requests) == 2  # nothing more was forwarded
+
+
+async def test_empty_401_twice_is_explained_with_the_audience(
+    stack: Stack, sidecar: RunningSidecar, http: aiohttp.ClientSession
+) -> None:
+    stack.upstream.script(Scripted.unauthorized(), Scripted.unauthorized())
+    async with http.post(sidecar.url + CHAT, data=BODY) as response:
+        assert response.status == 401
+        body = await response.json()
+        assert response.headers["x-should-retry"] == "false"
+    assert body["error"]["code"] == "UpstreamUnauthorized"
+    assert stack.audience in body["error"]["message"]
+    assert "auth.scope" in body["error"]["message"]
+    assert len(stack.upstream.requests) == 2  # the original and one replay, no more
+    assert stack.entra.token_requests == 2
+
+
+async def test_401_with_a_large_body_is_passed_through_without_replay(
+    stack: Stack, sidecar: RunningSidecar, http: aiohttp.ClientSession
+) -> None:
+    stack.upstream.script(Scripted(status=401, body=b'{"error": {"code": "custom"}}', headers={"X-Why": "policy"}))
+    big = b"x" * (1024 * 1024 + 1)  # above what the sidecar keeps for a replay
+    headers = {"Content-Type": "application/json"}
+    async with http.post(sidecar.url + CHAT, data=io.BytesIO(big), headers=headers) as response:
+        assert response.status == 401
+        assert await response.read() == b'{"error": {"code": "custom"}}'
+        assert response.headers["X-Why"] == "policy"
+    assert len(stack.upstream.requests) == 1
+    assert stack.upstream.requests[0].body_size == len(big)
+
+
+async def test_non_loopback_without_api_keys_warns(
+    stack: Stack, run_sidecar: StartSidecar, caplog: pytest.LogCaptureFixture
+) -> None:
+    from sidecar.config import Settings
+    from sidecar.server import warn_if_exposed
+
+    exposed = Settings(**config_for(stack, listen={"host": "0.0.0.0"}))
+    with caplog.at_level("WARNING", logger="sidecar"):
+        warn_if_exposed(exposed)
+    assert "without inbound.api_keys" in caplog.text
+    caplog.clear()
+    guarded = Settings(**config_for(stack, listen={"host": "0.0.0.0"}, inbound={"api_keys": ["k"]}))
+    with caplog.at_level("WARNING", logger="sidecar"):
+        warn_if_exposed(guarded)
+        warn_if_exposed(Settings(**config_for(stack)))
+    assert caplog.text == ""
+
+
+def test_access_token_repr_hides_the_token() -> None:
+    from sidecar.tokens.base import AccessToken
+
+    token = AccessToken("eyJhbGciOiJSUzI1NiJ9.secret-part.sig", 123.0)
+    assert "secret-part" not in repr(token)
+    assert "secret-part" not in str(token)
