@@ -18,6 +18,12 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check sidecar tests bench
 	$(PY) -m pytest -q -p no:cacheprovider
 
+validate: $(STAMP)
+	scripts/validate-artefacts.sh
+
+container-test: $(STAMP)
+	scripts/container-test.sh
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sidecar tests bench
 	$(VENV)/bin/ruff format --check sidecar tests bench

@@ -38,19 +38,7 @@ async def run_demo(chunk_delay: float = 0.15) -> int:
     with tempfile.TemporaryDirectory(prefix="sidecar-demo-") as tmp:
         stack = await start_stack(Path(tmp), stream_delay=chunk_delay, stream_chunks=8)
         try:
-            settings = Settings(
-                listen={"host": "127.0.0.1", "port": 0},
-                upstream={"url": stack.upstream_url},
-                tls={"ca_bundle": stack.ca_pem_path},
-                auth={
-                    "flow": "client_credentials",
-                    "scope": stack.scope,
-                    "tenant_id": stack.tenant_id,
-                    "client_id": stack.client_id,
-                    "client_secret": stack.client_secret,
-                    "authority_host": stack.authority_host,
-                },
-            )
+            settings = Settings(**stack.sidecar_config())
             sidecar = await start(settings)
             try:
                 return await _drive(sidecar.url, stack, settings)

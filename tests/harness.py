@@ -9,9 +9,14 @@ import asyncio
 import logging
 import os
 import re
+import socket
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
+
+import aiohttp
+import yaml
 
 from sidecar.app import AUTHORIZER
 from sidecar.emulators import Stack
@@ -59,19 +64,7 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 
 def config_for(stack: Stack, **overrides: Any) -> dict[str, Any]:
     """The client-credentials configuration for the emulator stack, as the YAML file would hold it."""
-    base = {
-        "listen": {"host": "127.0.0.1", "port": 0},
-        "upstream": {"url": stack.upstream_url, "read_timeout": 5},
-        "tls": {"ca_bundle": str(stack.ca_pem_path)},
-        "auth": {
-            "flow": "client_credentials",
-            "scope": stack.scope,
-            "tenant_id": stack.tenant_id,
-            "client_id": stack.client_id,
-            "client_secret": stack.client_secret,
-            "authority_host": stack.authority_host,
-        },
-    }
+    base = merge(stack.sidecar_config(), {"upstream": {"read_timeout": 5}})
     return merge(base, overrides)
 
 
@@ -99,3 +92,48 @@ async def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float 
     out, err = stdout.decode(), stderr.decode()
     _WATCH.lines.append(err)  # the CLI's log output is log output too
     return process.returncode, out, err
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_config(directory: Path, config: dict[str, Any]) -> str:
+    path = directory / "sidecar.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+async def start_serve(directory: Path, config: dict[str, Any]) -> tuple[asyncio.subprocess.Process, str]:
+    """`sidecar serve` as a subprocess on a free port, returned once /readyz says 200."""
+    config = merge(config, {"listen": {"port": free_port()}})
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidecar", "serve", "--config", write_config(directory, config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=dict(os.environ),
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{config['listen']['port']}"
+    async with aiohttp.ClientSession() as http:
+        for _ in range(300):
+            try:
+                async with http.get(url + "/readyz") as response:
+                    if response.status == 200:
+                        return process, url
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)
+    process.kill()
+    await process.wait()
+    raise AssertionError("sidecar serve did not become ready")
+
+
+async def stop_serve(process: asyncio.subprocess.Process) -> str:
+    """Make sure the process is gone; return its stderr (and record it for the log watch)."""
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+    assert process.stderr is not None
+    err = (await process.stderr.read()).decode()
+    _WATCH.lines.append(err)
+    return err

@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 from pathlib import Path
 
 import aiohttp
-import yaml
-from harness import config_for, run_cli
+from harness import config_for, run_cli, start_serve, stop_serve, write_config
 
 from sidecar.emulators import Stack
 from sidecar.tokens.claims import unverified_claims
-
-
-def write_config(tmp_path: Path, config: dict) -> str:
-    path = tmp_path / "sidecar.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
 
 
 async def test_check_prints_claims_never_the_token(stack: Stack, tmp_path: Path) -> None:
@@ -62,33 +53,14 @@ async def test_env_overrides_the_file(stack: Stack, tmp_path: Path) -> None:
 
 
 async def test_serve_runs_and_stops_on_sigterm(stack: Stack, tmp_path: Path) -> None:
-    config = config_for(stack, listen={"port": 0})
-    config["listen"]["port"] = _free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sidecar", "serve", "--config", write_config(tmp_path, config),
-        stderr=asyncio.subprocess.PIPE, env=dict(os.environ),
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{config['listen']['port']}"
+    process, url = await start_serve(tmp_path, config_for(stack))
     try:
-        async with aiohttp.ClientSession() as http:
-            for _ in range(200):
-                try:
-                    async with http.get(url + "/readyz") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.05)
-            async with http.get(url + "/openai/models?api-version=2024-06-01") as response:
-                assert response.status == 200
+        async with aiohttp.ClientSession() as http, http.get(url + "/openai/models?api-version=2024-06-01") as response:
+            assert response.status == 200
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 10) == 0
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.stderr is not None
-    err = (await process.stderr.read()).decode()
+        err = await stop_serve(process)
     assert "sidecar listening on" in err
     assert "eyJ" not in err and stack.client_secret not in err
 
@@ -98,11 +70,3 @@ async def test_demo_exits_0() -> None:
     assert code == 0, out + err
     assert "demo passed" in out
     assert "requests carrying an api-key: 0" in out
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

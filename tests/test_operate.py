@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
-import sys
 from pathlib import Path
 
 import aiohttp
-import yaml
-from harness import _WATCH, StartSidecar, config_for, wait_ready
+from harness import _WATCH, StartSidecar, config_for, start_serve, stop_serve, wait_ready
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.emulators import Scripted, Stack
@@ -20,12 +16,6 @@ from sidecar.server import RunningSidecar
 
 CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-06-01"
 STREAM_BODY = json.dumps({"stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def scrape(http: aiohttp.ClientSession, url: str) -> dict[str, list]:
@@ -76,32 +66,6 @@ async def test_metrics_families_with_bounded_labels(stack: Stack, sidecar: Runni
     assert 3000 < expiry.value <= 3600
 
 
-def write_config(tmp_path: Path, config: dict) -> str:
-    path = tmp_path / "sidecar.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
-
-
-async def start_serve(tmp_path: Path, config: dict) -> tuple[asyncio.subprocess.Process, str]:
-    config["listen"]["port"] = free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sidecar", "serve", "--config", write_config(tmp_path, config),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=dict(os.environ),
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{config['listen']['port']}"
-    async with aiohttp.ClientSession() as http:
-        for _ in range(300):
-            try:
-                async with http.get(url + "/readyz") as response:
-                    if response.status == 200:
-                        return process, url
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.05)
-    process.kill()
-    raise AssertionError("sidecar serve did not become ready")
-
-
 async def test_sigterm_drains_streams_and_exits_0(stack: Stack, tmp_path: Path) -> None:
     stack.upstream.stream_delay = 0.25
     stack.upstream.stream_chunks = 8  # ~2 s of streaming
@@ -132,16 +96,12 @@ async def test_sigterm_drains_streams_and_exits_0(stack: Stack, tmp_path: Path) 
             assert refused
         assert await asyncio.wait_for(process.wait(), 10) == 0
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.stderr is not None
-    lines = (await process.stderr.read()).decode().splitlines()
+        err = await stop_serve(process)
+    lines = err.splitlines()
     entries = [json.loads(line) for line in lines if line.strip()]  # every line is one JSON object
     access = [e for e in entries if e["logger"] == "sidecar.access"]
     assert access and access[0]["route"] == "chat.completions" and access[0]["status"] == 200
     assert access[0]["upstream_status"] == 200 and access[0]["bytes_out"] > 0
-    _WATCH.lines.extend(lines)
     text = "\n".join(lines)
     assert "eyJ" not in text and stack.client_secret not in text
 

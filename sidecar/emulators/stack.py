@@ -55,6 +55,23 @@ class Stack:
     def upstream_url(self) -> str:
         return self.upstream.url
 
+    def sidecar_config(self) -> dict[str, Any]:
+        """A sidecar configuration (as the YAML file would hold it): client credentials against this stack,
+        listening on a free loopback port."""
+        return {
+            "listen": {"host": "127.0.0.1", "port": 0},
+            "upstream": {"url": self.upstream_url},
+            "tls": {"ca_bundle": str(self.ca_pem_path)},
+            "auth": {
+                "flow": "client_credentials",
+                "scope": self.scope,
+                "tenant_id": self.tenant_id,
+                "client_id": self.client_id,
+                "client_secret": self.client_secret,
+                "authority_host": self.authority_host,
+            },
+        }
+
     def as_dict(self) -> dict[str, Any]:
         details: dict[str, Any] = {
             "ca_pem_path": str(self.ca_pem_path),

@@ -3,8 +3,10 @@ the Azure CLI, and DefaultAzureCredential. One adapter turns any of them into a 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from azure.identity.aio import (
     ManagedIdentityCredential,
 )
 
-from sidecar.config import EXCLUDABLE_CREDENTIALS, PUBLIC_AUTHORITY, Settings
+from sidecar.config import EXCLUDABLE_CREDENTIALS, PUBLIC_AUTHORITY, AuthConfig, Settings
 from sidecar.tokens._msal import _HINTS
 from sidecar.tokens.base import AccessToken, IdentityError
 
@@ -32,34 +34,69 @@ _UNAVAILABLE_HINTS = {
     "or choose another auth.flow",
     "workload_identity": "set AZURE_TENANT_ID, AZURE_CLIENT_ID and AZURE_FEDERATED_TOKEN_FILE "
     "(the AKS workload identity webhook injects them when the pod has azure.workload.identity/use=true)",
-    "default": "no credential in DefaultAzureCredential's chain worked; see the reasons above",
+    "default": "no credential in DefaultAzureCredential's chain gave a token: set up one of them (e.g. `az login`, "
+    "or run where a managed identity is assigned), or choose a specific auth.flow",
 }
+_CLI_MISSING_HINT = (
+    "install the Azure CLI (https://aka.ms/installazurecli) and run `az login`, or choose another auth.flow"
+)
+
+
+CredentialFactory = Callable[[], AsyncTokenCredential]
 
 
 class AzureIdentityProvider:
-    """Any azure-identity async credential as a TokenProvider for one scope."""
+    """Any azure-identity async credential as a TokenProvider for one scope.
 
-    def __init__(self, flow: str, credential: AsyncTokenCredential, scope: str) -> None:
+    A new credential is built for every fetch and closed right after it. azure-identity's credentials keep
+    their own token cache and hand the cached token back until it is within five minutes of expiry (and for
+    30 s after any request), so one long-lived credential would answer the manager's proactive refresh, and
+    the refresh after the upstream rejected a token, with the very token it wants replaced.
+    """
+
+    def __init__(self, flow: str, make_credential: CredentialFactory, scope: str) -> None:
         self.flow = flow
-        self._credential = credential
+        self._make_credential = make_credential
         self._scope = scope
+        self._open: set[AsyncTokenCredential] = set()
+        self._closed = False
 
     async def fetch(self) -> AccessToken:
+        if self._closed:
+            raise IdentityError("the sidecar is shutting down", retryable=False)
         try:
-            info: AccessTokenInfo = await self._credential.get_token_info(self._scope)  # type: ignore[attr-defined]
-        except CredentialUnavailableError as exc:
+            credential = self._make_credential()
+        except ValueError as exc:  # azure-identity validates its arguments and environment here
             raise IdentityError(
-                _first_line(exc.message), retryable=True, hint=_UNAVAILABLE_HINTS.get(self.flow)
+                _first_line(str(exc)), retryable=False, hint=_UNAVAILABLE_HINTS.get(self.flow)
             ) from None
+        self._open.add(credential)
+        try:
+            info: AccessTokenInfo = await credential.get_token_info(self._scope)  # type: ignore[attr-defined]
+        except CredentialUnavailableError as exc:
+            message = _summary(exc.message or str(exc))
+            raise IdentityError(message, retryable=True, hint=_unavailable_hint(self.flow, message)) from None
         except ClientAuthenticationError as exc:
-            message = _first_line(exc.message or str(exc))
-            match = _CODE.search(str(exc.message or exc))
+            text = str(exc.message or exc)
+            match = _CODE.search(text)
             code = match.group(0) if match else None
-            raise IdentityError(message, code=code, retryable=True, hint=_HINTS.get(code or "")) from None
+            message = _summary(text)
+            hint = _HINTS.get(code or "") or (_unavailable_hint(self.flow, message) if self.flow == "default" else None)
+            raise IdentityError(message, code=code, retryable=True, hint=hint) from None
+        finally:
+            self._open.discard(credential)
+            # closing releases the credential's aiohttp session at once, not when the garbage collector
+            # gets to it ("Unclosed client session"); a cancelled fetch (shutdown) closes it too
+            await credential.close()
         return AccessToken(token=info.token, expires_on=float(info.expires_on), refresh_on=info.refresh_on)
 
     async def aclose(self) -> None:
-        await self._credential.close()
+        """Close what a fetch still holds: at shutdown the manager may leave one running."""
+        self._closed = True
+        for credential in list(self._open):
+            with contextlib.suppress(Exception):
+                await credential.close()
+        self._open.clear()
 
 
 def _first_line(text: str) -> str:
@@ -67,6 +104,31 @@ def _first_line(text: str) -> str:
         if line.strip():
             return line.strip()
     return text.strip() or "authentication failed"
+
+
+_ATTEMPTED = re.compile(r"^\t(\w+): (.*)$")
+
+
+def _summary(text: str) -> str:
+    """One line. For a credential chain (DefaultAzureCredential) the reasons of the credentials it tried are on
+    the following lines: keep each one's first sentence, since they are the whole point of the message."""
+    first = _first_line(text)
+    reasons = []
+    for line in text.replace("\r", "").splitlines():
+        match = _ATTEMPTED.match(line)
+        if match:
+            reason = match.group(2).strip()
+            reason = reason.split(". ", 1)[0].rstrip(".")
+            reasons.append(f"{match.group(1)}: {reason}")
+    if not reasons:
+        return first
+    return first.rstrip(".") + " (tried " + "; ".join(reasons) + ")"
+
+
+def _unavailable_hint(flow: str, message: str) -> str | None:
+    if flow == "azure_cli" and "not found" in message.lower():
+        return _CLI_MISSING_HINT
+    return _UNAVAILABLE_HINTS.get(flow)
 
 
 def _transport_options(settings: Settings) -> dict[str, Any]:
@@ -82,19 +144,32 @@ def _authority(settings: Settings, env_name: str = "AZURE_AUTHORITY_HOST") -> st
     return os.environ.get(env_name) or None
 
 
+def managed_identity_selector(auth: AuthConfig, environ: Mapping[str, str]) -> dict[str, Any]:
+    """ManagedIdentityCredential's arguments for the configured user-assigned identity (none: system-assigned).
+
+    The aio credential puts `identity_config` on the wire as given, so each key must be the endpoint's own
+    parameter name: a resource id is `mi_res_id` for App Service (IDENTITY_ENDPOINT is set) and `msi_res_id`
+    for IMDS; an object id is `object_id` for both (App Service also knows it as principal_id).
+    """
+    if auth.client_id:
+        return {"client_id": auth.client_id}
+    if auth.object_id:
+        return {"identity_config": {"object_id": auth.object_id}}
+    if auth.resource_id:
+        name = "mi_res_id" if environ.get("IDENTITY_ENDPOINT") else "msi_res_id"
+        return {"identity_config": {name: auth.resource_id}}
+    return {}
+
+
 def managed_identity(settings: Settings) -> AzureIdentityProvider:
     auth = settings.auth
-    identity: dict[str, str] = {}
-    if auth.object_id:
-        identity["object_id"] = auth.object_id
-    elif auth.resource_id:
-        identity["resource_id"] = auth.resource_id
-    credential = ManagedIdentityCredential(
-        client_id=auth.client_id if not identity else None,
-        identity_config=identity or None,
-        **_transport_options(settings),
-    )
-    return AzureIdentityProvider("managed_identity", credential, auth.scope)
+    transport = _transport_options(settings)
+
+    def make() -> AsyncTokenCredential:
+        # the protocol (App Service, IMDS, ...) is read from the environment when the credential is built
+        return ManagedIdentityCredential(**managed_identity_selector(auth, os.environ), **transport)
+
+    return AzureIdentityProvider("managed_identity", make, auth.scope)
 
 
 class _FederatedTokenFile:
@@ -140,13 +215,17 @@ def workload_identity(settings: Settings) -> AzureIdentityProvider:
     authority = _authority(settings)
     if authority:
         options["authority"] = authority
-    credential = ClientAssertionCredential(tenant_id, client_id, _FederatedTokenFile(token_file), **options)
-    return AzureIdentityProvider("workload_identity", credential, auth.scope)
+    assertion = _FederatedTokenFile(token_file)
+
+    def make() -> AsyncTokenCredential:
+        return ClientAssertionCredential(tenant_id, client_id, assertion, **options)
+
+    return AzureIdentityProvider("workload_identity", make, auth.scope)
 
 
 def azure_cli(settings: Settings) -> AzureIdentityProvider:
     tenant = {"tenant_id": settings.auth.tenant_id} if settings.auth.tenant_id else {}
-    return AzureIdentityProvider("azure_cli", AzureCliCredential(**tenant), settings.auth.scope)
+    return AzureIdentityProvider("azure_cli", lambda: AzureCliCredential(**tenant), settings.auth.scope)
 
 
 _EXCLUDABLE = {
@@ -174,5 +253,4 @@ def default(settings: Settings) -> AzureIdentityProvider:
         options["workload_identity_client_id"] = auth.client_id
     if auth.tenant_id:
         options["workload_identity_tenant_id"] = auth.tenant_id
-    return AzureIdentityProvider("default", DefaultAzureCredential(**options), auth.scope)
-
+    return AzureIdentityProvider("default", lambda: DefaultAzureCredential(**options), auth.scope)

@@ -74,8 +74,12 @@ class TokenManager:
         self._inflight: asyncio.Future[AccessToken] | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        # How long a request may wait for a fetch in flight; sign-in flows say 0 (a person may take minutes).
-        self._max_wait: float = getattr(provider, "max_wait", 30.0)
+
+    @property
+    def _max_wait(self) -> float:
+        """How long a request may wait for a fetch in flight. Read on every wait: a sign-in flow says 0 only
+        while a person is signing in (that may take minutes), not while it renews silently."""
+        return float(getattr(self.provider, "max_wait", 30.0))
 
     # -- the proxy's side -----------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ import msal
 from sidecar.config import AuthConfig, Settings, TlsConfig
 from sidecar.tokens import _msal
 from sidecar.tokens.base import AccessToken, IdentityError
+from sidecar.tokens.claims import unverified_claims
 from sidecar.tokens.client_credentials import ConfidentialApp
 from sidecar.tokens.manager import EXPIRY_SKEW, TokenObserver, refresh_at
 
@@ -41,6 +42,10 @@ class _Entry:
         self.refresh_due = 0.0
         self.inflight: asyncio.Future[AccessToken] | None = None
 
+    def fresh(self, now: float) -> bool:
+        token = self.token
+        return token is not None and now < self.refresh_due and token.expires_on - now > EXPIRY_SKEW
+
 
 def bearer_of(headers: Mapping[str, str]) -> str | None:
     value = headers.get("Authorization") or ""
@@ -61,6 +66,7 @@ class OnBehalfOfAuthorizer:
         observer: TokenObserver | None = None,
     ) -> None:
         self._scope = auth.scope
+        self._client_id = auth.client_id
         self._margin = auth.refresh_margin
         self._capacity = auth.obo_cache_size
         self._app = ConfidentialApp(auth, tls, token_cache=_NoCache())
@@ -116,9 +122,9 @@ class OnBehalfOfAuthorizer:
                 status=401,
             )
         entry = self._entry(self._key(assertion))
-        token = entry.token
-        if token is not None and time.time() < entry.refresh_due and token.expires_on - time.time() > EXPIRY_SKEW:
-            return token.token
+        if entry.fresh(time.time()):
+            assert entry.token is not None
+            return entry.token.token
         return (await self._exchange(entry, assertion)).token
 
     async def token_after_rejection(self, headers: Mapping[str, str], rejected: str) -> str:
@@ -146,16 +152,22 @@ class OnBehalfOfAuthorizer:
                 status = 401 if result.get("error") in _CALLER_ERRORS else 503
                 raise _msal.error_from_result(result, status=status)
             token = _msal.token_from_result(result, requested_at)
-        except IdentityError as exc:
-            self.last_error = exc
+        except Exception as exc:
+            # every waiter must get an answer: an error msal raises (a 5xx from the IdP) is an IdentityError too
+            error = exc if isinstance(exc, IdentityError) else IdentityError(f"{type(exc).__name__}: {exc}")
+            self.last_error = error
             self._observe("failure", started)
-            future.set_exception(exc)
+            if not future.done():
+                future.set_exception(error)
         else:
             self.last_error = None
             entry.token = token
-            entry.refresh_due = refresh_at(token, self._margin, issued_at)
+            # Never serve the caller's session longer than the caller's own token lasts: once that has
+            # expired the next request exchanges it again, and the IdP says AADSTS500133 (401 to the caller).
+            entry.refresh_due = min(refresh_at(token, self._margin, issued_at), _expiry_of(assertion))
             self._observe("success", started)
-            future.set_result(token)
+            if not future.done():
+                future.set_result(token)
         finally:
             entry.inflight = None
 
@@ -164,9 +176,33 @@ class OnBehalfOfAuthorizer:
         requested_at = _msal.now()
         return requested_at, app.acquire_token_on_behalf_of(user_assertion=assertion, scopes=[self._scope])
 
+    async def verify_client(self) -> tuple[str, str]:
+        """For `sidecar check`, which has no caller token to exchange: prove that the confidential client
+        (tenant, client id, secret or certificate) is accepted, with an app-only token for the app itself
+        (`<client_id>/.default`), which needs no API permission. Returns the token and what was verified."""
+        requested_at, result = await _msal.call_msal(self._app_only_token)
+        token = _msal.token_from_result(result, requested_at)
+        note = (
+            f"{self.flow} exchanges each caller's token, and `check` has no caller: no exchange was tried. "
+            f"Verified the confidential client instead with an app-only token for the app itself "
+            f"({self._client_id}/.default); requests must bring a user token whose audience is this app."
+        )
+        return token.token, note
+
+    def _app_only_token(self) -> tuple[float, dict[str, Any]]:
+        app = self._app.get()
+        requested_at = _msal.now()
+        return requested_at, app.acquire_token_for_client(scopes=[f"{self._client_id}/.default"])
+
     def _observe(self, outcome: str, started: float) -> None:
         if self._observer is not None:
             self._observer(self.flow, outcome, time.monotonic() - started)
+
+
+def _expiry_of(assertion: str) -> float:
+    """The caller's token's exp claim (unverified: the IdP verifies it; this only bounds our cache)."""
+    exp = unverified_claims(assertion).get("exp")
+    return float(exp) if isinstance(exp, int | float) else float("inf")
 
 
 def _consume(task: asyncio.Task[None]) -> None:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import msal
@@ -32,6 +35,10 @@ class _PublicClient:
             token_cache=self.cache,
             **_msal.msal_options(auth, tls),
         )
+        # Set by close(): a device flow polls for up to 15 minutes in a worker thread that nothing can cancel,
+        # and the event loop waits for its threads when it shuts down; msal checks this between polls.
+        self.closing = threading.Event()
+        self.awaiting_user = False
 
     def silent(self) -> tuple[float, dict[str, Any] | None]:
         """A fresh token from the refresh token of the cached account, or None when sign-in is needed."""
@@ -45,19 +52,28 @@ class _PublicClient:
         self.cache.save()
         return requested_at, result
 
-    def device_flow(self, announce: Any) -> tuple[float, dict[str, Any]]:
+    def device_flow(self, announce: Callable[[str], None]) -> tuple[float, dict[str, Any]]:
         flow = self.app.initiate_device_flow(scopes=self.scopes)
         if "user_code" not in flow:
             raise _msal.error_from_result(flow)
         announce(flow["message"])
-        result = self.app.acquire_token_by_device_flow(flow)  # polls until approved, declined or expired
+        self.awaiting_user = True
+        try:
+            # polls until approved, declined or expired, or until the sidecar shuts down
+            result = self.app.acquire_token_by_device_flow(flow, exit_condition=self._stop_polling)
+        finally:
+            self.awaiting_user = False
         requested_at = _msal.now()
         self.cache.save()
         return requested_at, result
 
-    def browser(self, **kwargs: Any) -> tuple[float, dict[str, Any]]:
+    def _stop_polling(self, flow: dict[str, Any]) -> bool:
+        return self.closing.is_set() or flow.get("expires_at", 0) < time.time()
+
+    def browser(self, timeout: float = 600) -> tuple[float, dict[str, Any]]:
         requested_at = _msal.now()
-        result = self.app.acquire_token_interactive(self.scopes, prompt="select_account", **kwargs)
+        # without a timeout msal would wait forever for a browser that never comes back
+        result = self.app.acquire_token_interactive(self.scopes, prompt="select_account", timeout=timeout)
         self.cache.save()
         return requested_at, result
 
@@ -73,6 +89,7 @@ class _PublicClient:
         return self.cache.clear_file()
 
     def close(self) -> None:
+        self.closing.set()
         self.app.http_client.close()
 
 
@@ -89,12 +106,16 @@ def _needs_signin(result: dict[str, Any] | None) -> bool:
 
 class DeviceCodeProvider:
     flow = "device_code"
-    # Requests must not hang while a person signs in: they get 503 at once until the token is there.
-    max_wait = 0.0
     pending_message = "waiting for a user to sign in: the device code is in the sidecar's log (stderr)"
 
     def __init__(self, auth: AuthConfig, tls: TlsConfig) -> None:
         self._client = _PublicClient(auth, tls)
+
+    @property
+    def max_wait(self) -> float:
+        """How long a request waits for the fetch in flight (the manager asks on every wait). Requests must not
+        hang while a person signs in: they get 503 at once then; a silent renewal is one IdP call, worth waiting."""
+        return 0.0 if self._client.awaiting_user else 30.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DeviceCodeProvider:
