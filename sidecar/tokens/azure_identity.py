@@ -4,6 +4,7 @@ the Azure CLI, and DefaultAzureCredential. One adapter turns any of them into a 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -41,6 +42,15 @@ _CLI_MISSING_HINT = (
     "install the Azure CLI (https://aka.ms/installazurecli) and run `az login`, or choose another auth.flow"
 )
 
+_TOKEN_FILE_UNREADABLE = "cannot read the federated token file"
+_TOKEN_FILE_HINT = (
+    "the AKS workload identity webhook projects it when the pod is labelled azure.workload.identity/use=true "
+    "and runs as a service account annotated with azure.workload.identity/client-id"
+)
+
+# azure-identity logs every failure at WARNING, chains with all their reasons over many lines; the manager (serve)
+# and the CLI (check) report each failure once, as one line with a hint, so its own copy is only noise.
+logging.getLogger("azure.identity").setLevel(logging.ERROR)
 
 CredentialFactory = Callable[[], AsyncTokenCredential]
 
@@ -117,9 +127,9 @@ def _summary(text: str) -> str:
     for line in text.replace("\r", "").splitlines():
         match = _ATTEMPTED.match(line)
         if match:
-            reason = match.group(2).strip()
-            reason = reason.split(". ", 1)[0].rstrip(".")
-            reasons.append(f"{match.group(1)}: {reason}")
+            name, reason = match.group(1), match.group(2).strip()
+            reason = reason.removeprefix(name).strip().split(". ", 1)[0].rstrip(".")
+            reasons.append(f"{name}: {reason}")
     if not reasons:
         return first
     return first.rstrip(".") + " (tried " + "; ".join(reasons) + ")"
@@ -128,6 +138,8 @@ def _summary(text: str) -> str:
 def _unavailable_hint(flow: str, message: str) -> str | None:
     if flow == "azure_cli" and "not found" in message.lower():
         return _CLI_MISSING_HINT
+    if flow == "workload_identity" and message.startswith(_TOKEN_FILE_UNREADABLE):
+        return _TOKEN_FILE_HINT
     return _UNAVAILABLE_HINTS.get(flow)
 
 
@@ -183,9 +195,7 @@ class _FederatedTokenFile:
         try:
             return self.path.read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise CredentialUnavailableError(
-                f"cannot read the federated token file {str(self.path)!r}: {exc.strerror}"
-            ) from None
+            raise CredentialUnavailableError(f"{_TOKEN_FILE_UNREADABLE} {str(self.path)!r}: {exc.strerror}") from None
 
 
 def workload_identity(settings: Settings) -> AzureIdentityProvider:

@@ -149,8 +149,11 @@ class OnBehalfOfAuthorizer:
             requested_at, result = await _msal.call_msal(self._acquire, assertion)
             self.exchanges += 1
             if "access_token" not in result:
-                status = 401 if result.get("error") in _CALLER_ERRORS else 503
-                raise _msal.error_from_result(result, status=status)
+                caller_error = result.get("error") in _CALLER_ERRORS
+                error = _msal.error_from_result(result, status=401 if caller_error else 503)
+                if caller_error:
+                    error.retryable = False  # the same token will be refused again: the client must get a new one
+                raise error
             token = _msal.token_from_result(result, requested_at)
         except Exception as exc:
             # every waiter must get an answer: an error msal raises (a 5xx from the IdP) is an IdentityError too

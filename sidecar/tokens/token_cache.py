@@ -33,6 +33,10 @@ class PersistentTokenCache(msal.SerializableTokenCache):
             try:
                 stat = self.path.stat()
             except FileNotFoundError:
+                if self._mtime is not None:
+                    # `sidecar logout` removed it: forget the sign-in here too
+                    self.deserialize("")
+                    self._mtime = None
                 return
             if self._mtime == stat.st_mtime:
                 return

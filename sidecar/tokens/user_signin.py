@@ -30,15 +30,26 @@ class _PublicClient:
     def __init__(self, auth: AuthConfig, tls: TlsConfig) -> None:
         self.cache = PersistentTokenCache(auth.token_cache_path or default_cache_path())
         self.scopes = [auth.scope]
-        self.app = msal.PublicClientApplication(
-            client_id=auth.client_id,
-            token_cache=self.cache,
-            **_msal.msal_options(auth, tls),
-        )
+        self._client_id = auth.client_id
+        self._options = _msal.msal_options(auth, tls)
+        self._app: msal.PublicClientApplication | None = None
+        self._building = threading.Lock()
         # Set by close(): a device flow polls for up to 15 minutes in a worker thread that nothing can cancel,
         # and the event loop waits for its threads when it shuts down; msal checks this between polls.
         self.closing = threading.Event()
         self.awaiting_user = False
+
+    @property
+    def app(self) -> msal.PublicClientApplication:
+        """Built on first use, in a worker thread: msal reads the authority's metadata over the network when it
+        builds the app, which must neither block the event loop nor stop the sidecar starting while the
+        identity provider is unreachable (the manager retries instead)."""
+        with self._building:
+            if self._app is None:
+                self._app = msal.PublicClientApplication(
+                    client_id=self._client_id, token_cache=self.cache, **self._options
+                )
+            return self._app
 
     def silent(self) -> tuple[float, dict[str, Any] | None]:
         """A fresh token from the refresh token of the cached account, or None when sign-in is needed."""
@@ -82,15 +93,13 @@ class _PublicClient:
         return accounts[0].get("username") if accounts else None
 
     def sign_out(self) -> bool:
-        self.cache.reload()
-        for account in self.app.get_accounts():
-            self.app.remove_account(account)
-        self.cache.save()
+        # The file is the whole sign-in (msal's remove_account only edits the cache): deleting it needs no
+        # msal app, hence no identity provider, so logout works offline too.
         return self.cache.clear_file()
 
     def close(self) -> None:
         self.closing.set()
-        self.app.http_client.close()
+        self._options["http_client"].close()
 
 
 def announce_device_code(message: str) -> None:
