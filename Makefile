@@ -18,6 +18,11 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check sidecar tests bench
 	$(PY) -m pytest -q -p no:cacheprovider
 
+bench: $(STAMP)
+	@command -v wrk >/dev/null && command -v nginx >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq wrk nginx >/dev/null; }
+	$(PY) bench/run.py
+
 validate: $(STAMP)
 	scripts/validate-artefacts.sh
 

@@ -8,13 +8,14 @@ import contextlib
 import logging
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 from sidecar import __version__
 from sidecar.config import ConfigError, Settings, load_config, read_secret_file
 from sidecar.tokens.base import IdentityError
 
 EXIT_OK, EXIT_TOKEN, EXIT_CONFIG = 0, 1, 2
+T = TypeVar("T")
 
 
 def _secrets_of(settings: Settings) -> list[str]:
@@ -43,12 +44,20 @@ def _load(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def _run(coroutine: Coroutine[Any, Any, int]) -> int:
+def _run(coroutine: Coroutine[Any, Any, T]) -> T:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a Linux default dependency
         return asyncio.run(coroutine)
     return uvloop.run(coroutine)
+
+
+def _no_caller(settings: Settings) -> IdentityError:
+    return IdentityError(
+        f"auth.flow={settings.auth.flow.value} gets tokens per caller; `check`/`token` have no caller token",
+        retryable=False,
+        hint="use `sidecar serve` and send the user's token in the Authorization header",
+    )
 
 
 async def _one_token(settings: Settings) -> str:
@@ -58,19 +67,39 @@ async def _one_token(settings: Settings) -> str:
     provider = build_provider(settings)
     if not isinstance(provider, TokenProvider):
         await provider.aclose()
-        raise IdentityError(
-            f"auth.flow={settings.auth.flow.value} gets tokens per caller; `check`/`token` have no caller token",
-            retryable=False,
-            hint="use `sidecar serve` and send the user's token in the Authorization header",
-        )
+        raise _no_caller(settings)
     try:
         return (await provider.fetch()).token
     finally:
         await provider.aclose()
 
 
+async def _check_token(settings: Settings) -> tuple[str, str | None]:
+    """The token `check` shows, and a note when it is not the flow's own kind: a per-caller flow (on-behalf-of)
+    has no caller here, so it proves its client credential another way (`verify_client`)."""
+    from sidecar.tokens import build_provider
+    from sidecar.tokens.base import TokenProvider
+
+    provider = build_provider(settings)
+    try:
+        if isinstance(provider, TokenProvider):
+            return (await provider.fetch()).token, None
+        verify_client = getattr(provider, "verify_client", None)
+        if verify_client is None:
+            raise _no_caller(settings)
+        token, note = await verify_client()
+        return token, note
+    finally:
+        await provider.aclose()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _load(args)
+    workers = settings.worker_count()
+    if workers > 1:
+        from sidecar.workers import run_workers
+
+        return run_workers(settings, workers, _run)
     from sidecar.server import serve
 
     return _run(serve(settings))
@@ -81,7 +110,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     settings = _load(args)
     print(f"config ok: flow {settings.auth.flow.value}, scope {settings.auth.scope}, upstream {settings.upstream.url}")
-    token = _run(_one_token(settings))
+    token, note = _run(_check_token(settings))
+    if note:
+        print(note)
     print("token acquired; its claims:")
     for name, value in describe(token):
         print(f"  {name:<18} {value}")

@@ -18,6 +18,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -221,6 +222,29 @@ class Settings(BaseSettings):
     inbound: InboundConfig = Field(default_factory=InboundConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     shutdown_grace: float = Field(25.0, ge=0)
+    # Serving processes sharing the listening port; one of them never multiplies identity-provider calls
+    # (the parent owns the token and hands it to the workers). "auto" is one per CPU.
+    workers: int | Literal["auto"] = 1
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers_value(cls, value: object, info: ValidationInfo) -> int | str:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            value = "auto"
+        elif isinstance(value, str) and value.strip().isdigit():
+            value = int(value.strip())
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64):
+            raise ValueError(f"must be a number of processes from 1 to 64, or auto (got {value!r})")
+        auth = info.data.get("auth")
+        if value != 1 and auth is not None and auth.flow is Flow.ON_BEHALF_OF:
+            raise ValueError("on_behalf_of gets a token per caller, which workers cannot share: use workers: 1")
+        return value  # type: ignore[return-value]
+
+    def worker_count(self) -> int:
+        """How many serving processes: `workers`, with "auto" meaning one per usable CPU."""
+        if self.workers == "auto":
+            return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        return int(self.workers)
 
     @classmethod
     def settings_customise_sources(

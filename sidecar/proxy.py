@@ -1,29 +1,28 @@
 """The forwarding handler: headers in, a bearer token on, the body streamed both ways, errors in the
 Azure OpenAI shape.
 
-One Proxy per app; it owns the long-lived upstream client session. It asks the Authorizer for a token and
-knows nothing of flows.
+One Proxy per app; it sends through the app's upstream connection pool (sidecar/upstream/). It asks the
+Authorizer for a token and knows nothing of flows.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
 from sidecar.errors import error_response, identity_error_response
 from sidecar.metrics import Metrics
 from sidecar.routes import route_family
 from sidecar.tokens.base import Authorizer, IdentityError
 from sidecar.tokens.claims import unverified_claims
+from sidecar.upstream import ConnectError, ConnectTimeout, Pool, ReadTimeout, Response, UpstreamError
 
 log = logging.getLogger("sidecar.proxy")
 access_log = logging.getLogger("sidecar.access")
@@ -43,11 +42,13 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-_DROP_FROM_CALLER = HOP_BY_HOP | {"host", "authorization", "api-key", "expect"}
+# content-length too: the upstream client frames the body it sends itself
+_DROP_FROM_CALLER = HOP_BY_HOP | {"host", "authorization", "api-key", "expect", "content-length"}
 _DROP_FROM_UPSTREAM = HOP_BY_HOP
 # A body this small is kept in memory so the request can be replayed once after an upstream 401.
 REPLAYABLE_BODY = 1024 * 1024
-_NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+# The caller gone while we write to it: aiohttp raises ClientConnectionResetError (a ConnectionResetError).
+_CALLER_WRITE_ERRORS = (aiohttp.ClientConnectionError, ConnectionResetError)
 
 
 @dataclass(slots=True)
@@ -64,28 +65,18 @@ class Exchange:
 EXCHANGE = web.RequestKey("exchange", Exchange)
 
 
-def filter_headers(headers: Mapping[str, str], drop: frozenset[str] | set[str]) -> CIMultiDict[str]:
-    """Copy headers minus `drop` and whatever the Connection header names as hop-by-hop."""
-    listed = {
-        token.strip().lower()
-        for value in _all(headers, "Connection")
-        for token in value.split(",")
-        if token.strip()
-    }
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        lowered = name.lower()
-        if lowered not in drop and lowered not in listed:
-            out.add(name, value)
-    return out
+def filter_headers(
+    headers: Iterable[tuple[str, str]], drop: frozenset[str], connection: Iterable[str] = ()
+) -> list[tuple[str, str]]:
+    """Header pairs minus `drop` and whatever the Connection header values name as hop-by-hop."""
+    listed = {token.strip().lower() for value in connection for token in value.split(",")}
+    if listed:
+        drop = drop | listed
+    return [(name, value) for name, value in headers if name.lower() not in drop]
 
 
-def _all(headers: Mapping[str, str], name: str) -> list[str]:
-    getall = getattr(headers, "getall", None)
-    if getall is not None:
-        return list(getall(name, ()))
-    value = headers.get(name)
-    return [value] if value is not None else []
+def _connection_values(headers: Iterable[tuple[str, str]]) -> list[str]:
+    return [value for name, value in headers if name.lower() == "connection"]
 
 
 class Proxy:
@@ -98,101 +89,88 @@ class Proxy:
         extra_headers: Mapping[str, str] | None = None,
         audience: str = "",
     ) -> None:
-        self._base = upstream_url.rstrip("/")
+        self.upstream_url = upstream_url
         self._authorizer = authorizer
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: Pool | None = None
         self._metrics = metrics
-        self._extra_headers = dict(extra_headers or {})
+        # static headers replace any the caller sent under the same name
+        self._extra_headers = list((extra_headers or {}).items())
+        self._drop_from_caller = _DROP_FROM_CALLER | {name.lower() for name in (extra_headers or {})}
         self._audience = audience
 
-    def attach(self, session: aiohttp.ClientSession) -> None:
-        """The app's one long-lived upstream session, created when the app starts (it needs a loop)."""
-        self._session = session
+    def attach(self, pool: Pool) -> None:
+        """The app's one upstream connection pool, created when the app starts (it needs a loop)."""
+        self._pool = pool
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        # One flat coroutine for the whole exchange: each level of awaits is paid again on every resume.
         exchange = Exchange(route=route_family(request.path))
         request[EXCHANGE] = exchange
+        caller = request.headers
+        connection = caller.getall("Connection", ()) if "Connection" in caller else ()
+        headers = filter_headers(caller.items(), self._drop_from_caller, connection)
+        headers += self._extra_headers
         try:
-            return await self._forward(request, exchange)
+            # Small bodies are read so a 401 can be replayed; large or chunked ones stream (None).
+            if not request.body_exists:
+                body: bytes | None = b""
+            elif (length := request.content_length) is not None and length <= REPLAYABLE_BODY:
+                body = await request.read()
+            else:
+                body = None
+            token = await self._authorizer.token_for(caller)
+            upstream = await self._send(request, headers, token, body, exchange)
+            if upstream.status == 401 and body is not None:
+                await _discard(upstream)
+                log.info("upstream answered 401; refreshing the token and replaying once")
+                token = await self._authorizer.token_after_rejection(caller, token)
+                upstream = await self._send(request, headers, token, body, exchange)
+            exchange.upstream_status = upstream.status
+            if upstream.status == 401:
+                replaced = await self._explain_empty_401(upstream, token)
+                if replaced is not None:
+                    return replaced
         except IdentityError as exc:
             return identity_error_response(exc)
-        except _UpstreamFailure as exc:
-            return exc.response
-
-    async def _forward(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
-        # raw_path keeps the caller's encoding and query byte-for-byte (api-version, repeated keys)
-        target = URL(self._base + request.raw_path, encoded=True)
-        headers = filter_headers(request.headers, _DROP_FROM_CALLER)
-        headers.update(self._extra_headers)
-
-        body = await self._replayable_body(request)
-        token = await self._authorizer.token_for(request.headers)
-        upstream = await self._send(request, target, headers, token, body, exchange)
-        if upstream.status == 401 and body is not None:
-            await _discard(upstream)
-            log.info("upstream answered 401; refreshing the token and replaying once")
-            token = await self._authorizer.token_after_rejection(request.headers, token)
-            upstream = await self._send(request, target, headers, token, body, exchange)
-        exchange.upstream_status = upstream.status
-        if upstream.status == 401:
-            replaced = await self._explain_empty_401(upstream, token)
-            if replaced is not None:
-                return replaced
+        except UpstreamError as exc:
+            return _failure_response(exc)
         return await self._relay(request, upstream, exchange)
-
-    async def _replayable_body(self, request: web.Request) -> bytes | None:
-        """Small bodies are read so a 401 can be replayed; large or chunked ones stream (returns None)."""
-        if not request.body_exists:
-            return b""
-        length = request.content_length
-        if length is not None and length <= REPLAYABLE_BODY:
-            return await request.read()
-        return None
 
     async def _send(
         self,
-        request: web.Request,
-        target: URL,
-        headers: CIMultiDict[str],
+        request: web.BaseRequest,
+        headers: list[tuple[str, str]],
         token: str,
         body: bytes | None,
         exchange: Exchange,
-    ) -> aiohttp.ClientResponse:
-        headers["Authorization"] = "Bearer " + token
+    ) -> Response:
         sent = time.monotonic()
-        assert self._session is not None, "Proxy.attach() is called when the app starts"
-        try:
-            upstream = await self._session.request(
-                request.method,
-                target,
-                headers=headers,
-                data=body if body is not None else request.content,
-                allow_redirects=False,  # a redirect goes back to the caller; our token never follows it
-                skip_auto_headers=_NO_AUTO_HEADERS,
-            )
-        except aiohttp.ClientConnectorError as exc:
-            raise _UpstreamFailure(
-                502, "UpstreamUnreachable", f"cannot connect to the upstream: {exc.os_error}"
-            ) from None
-        except aiohttp.ConnectionTimeoutError:
-            raise _UpstreamFailure(502, "UpstreamUnreachable", "connecting to the upstream timed out") from None
-        except (aiohttp.ServerTimeoutError, TimeoutError):
-            raise _UpstreamFailure(
-                504, "UpstreamTimeout", "the upstream sent no response within upstream.read_timeout"
-            ) from None
-        except aiohttp.ClientError as exc:
-            raise _UpstreamFailure(502, "UpstreamError", f"the upstream connection failed: {exc}") from None
+        assert self._pool is not None, "Proxy.attach() is called when the app starts"
+        # raw_path keeps the caller's encoding and query byte-for-byte (api-version, repeated keys)
+        upstream = await self._pool.request(
+            request.method,
+            request.raw_path,
+            [*headers, ("Authorization", "Bearer " + token)],
+            body=body,
+            stream=request.content if body is None else None,
+            stream_length=request.content_length if body is None else None,
+        )
         exchange.bytes_in = len(body) if body is not None else (request.content_length or 0)
-        self._metrics.upstream_ttfb.labels(exchange.route).observe(time.monotonic() - sent)
+        self._metrics.observe_ttfb(exchange.route, time.monotonic() - sent)
         return upstream
 
-    async def _explain_empty_401(self, upstream: aiohttp.ClientResponse, token: str) -> web.Response | None:
+    async def _explain_empty_401(self, upstream: Response, token: str) -> web.Response | None:
         """App Service authentication answers 401 with no body; say what is most likely wrong instead."""
-        body = await upstream.read()
-        upstream.release()
+        try:
+            body = await upstream.read()
+        finally:
+            upstream.close()
         if body.strip():
             response = web.Response(status=401, body=body)
-            response.headers.extend(filter_headers(upstream.headers, _DROP_FROM_UPSTREAM | {"content-length"}))
+            response.headers.extend(
+                filter_headers(upstream.headers, _DROP_FROM_UPSTREAM | {"content-length"},
+                               _connection_values(upstream.headers))
+            )
             return response
         audience = unverified_claims(token).get("aud") or self._audience or "unknown"
         return error_response(
@@ -203,52 +181,75 @@ class Proxy:
             retryable=False,
         )
 
-    async def _relay(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, exchange: Exchange
-    ) -> web.StreamResponse:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        response.headers.extend(filter_headers(upstream.headers, _DROP_FROM_UPSTREAM))
+    async def _relay(self, request: web.BaseRequest, upstream: Response, exchange: Exchange) -> web.StreamResponse:
+        received = upstream.headers
+        headers = CIMultiDict(filter_headers(received, _DROP_FROM_UPSTREAM, _connection_values(received)))
+        data = upstream.ready()
+        # Body bytes already here leave in the same write as the head (one syscall, one wake-up for the
+        # caller); with none yet (a model still thinking) the head goes out at once: the caller sees the start.
+        kind = _CoalescingResponse if data or upstream.ended else web.StreamResponse
+        response = kind(status=upstream.status, reason=upstream.reason, headers=headers)
         metrics = self._metrics
-        metrics.active_streams.inc()
+        metrics.stream_started()
         try:
             await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)  # each SSE event goes out as soon as it arrives
-                exchange.bytes_out += len(chunk)
-            await response.write_eof()
-        except (aiohttp.ClientPayloadError, aiohttp.ServerTimeoutError, aiohttp.ClientConnectionError,
-                TimeoutError) as exc:
-            if isinstance(exc, aiohttp.ClientConnectionResetError | ConnectionResetError) and _caller_gone(request):
+            while True:
+                exchange.bytes_out += len(data)
+                if upstream.ended:
+                    await response.write_eof(data)  # the last bytes and the end of the body in one write
+                    break
+                if data:
+                    await response.write(data)  # each SSE event goes out as soon as it arrives
+                data = await upstream.next()
+        except (UpstreamError, *_CALLER_WRITE_ERRORS, TimeoutError) as exc:
+            if isinstance(exc, ConnectionResetError) and _caller_gone(request):
                 raise asyncio.CancelledError from None  # the caller left; nothing to tell it
             # Headers are out: the only honest signal left is to cut the connection without a clean end.
             log.warning("upstream failed mid-response (%s); aborting the caller's connection", type(exc).__name__)
             _abort(request)
         finally:
-            upstream.close()  # close, not release: a caller that left must close the upstream stream too
-            metrics.active_streams.dec()
-            metrics.bytes_out.inc(exchange.bytes_out)
-            metrics.upstream_latency.labels(exchange.route).observe(time.monotonic() - exchange.started)
+            upstream.close()  # an unfinished upstream exchange is closed: a caller that left ends it too
+            metrics.stream_ended(exchange.route, exchange.bytes_out, time.monotonic() - exchange.started)
         return response
 
 
-class _UpstreamFailure(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.response = error_response(status, code, message, retryable=True)
+class _CoalescingResponse(web.StreamResponse):
+    """A StreamResponse whose head waits for the first body write and leaves with it (as web.Response's does).
+
+    aiohttp's StreamResponse writes its head on prepare(): one more syscall per request, and for the caller
+    one more wake-up before the first byte of the body. The class attribute is aiohttp's own switch; were
+    it renamed, this would quietly write the head on prepare() again.
+    """
+
+    _send_headers_immediately = False
 
 
-async def _discard(upstream: aiohttp.ClientResponse) -> None:
-    with contextlib.suppress(aiohttp.ClientError):
+def _failure_response(exc: UpstreamError) -> web.Response:
+    """The JSON answer for an upstream that could not be reached or answered nothing usable."""
+    if isinstance(exc, ConnectError):
+        return error_response(502, "UpstreamUnreachable", f"cannot connect to the upstream: {exc.os_error}")
+    if isinstance(exc, ConnectTimeout):
+        return error_response(502, "UpstreamUnreachable", "connecting to the upstream timed out")
+    if isinstance(exc, ReadTimeout):
+        return error_response(504, "UpstreamTimeout", "the upstream sent no response within upstream.read_timeout")
+    return error_response(502, "UpstreamError", f"the upstream connection failed: {exc}")
+
+
+async def _discard(upstream: Response) -> None:
+    try:
         await upstream.read()
-    upstream.release()
+    except UpstreamError:
+        pass
+    finally:
+        upstream.close()
 
 
-def _caller_gone(request: web.Request) -> bool:
+def _caller_gone(request: web.BaseRequest) -> bool:
     transport = request.transport
     return transport is None or transport.is_closing()
 
 
-def _abort(request: web.Request) -> None:
+def _abort(request: web.BaseRequest) -> None:
     transport = request.transport
     if transport is not None:
         transport.abort()

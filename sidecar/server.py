@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from sidecar.app import STATE, build_app
+from sidecar.accesslog import batch_access_log
+from sidecar.app import DISPATCH, STATE, build_app
 from sidecar.config import Settings
 from sidecar.tokens.base import Authorizer
 from sidecar.tokens.manager import RetryPolicy
@@ -62,12 +63,21 @@ class RunningSidecar:
 
 
 async def start(
-    settings: Settings, *, authorizer: Authorizer | None = None, retry: RetryPolicy | None = None
+    settings: Settings,
+    *,
+    authorizer: Authorizer | None = None,
+    retry: RetryPolicy | None = None,
+    reuse_port: bool = False,
 ) -> RunningSidecar:
+    """Build and start the app. `reuse_port`: one of several worker processes listening on the same port."""
     app = build_app(settings, authorizer=authorizer, retry=retry)
     runner = make_runner(app, settings)
     await runner.setup()
-    site = web.TCPSite(runner, settings.listen.host, settings.listen.port, reuse_address=True)
+    if runner.server is not None:
+        # The app routes every path to one function; calling it directly skips aiohttp's router and
+        # Application._handle (see build_dispatch). No connection exists yet: all of them use it.
+        runner.server.request_handler = app[DISPATCH]
+    site = web.TCPSite(runner, settings.listen.host, settings.listen.port, reuse_address=True, reuse_port=reuse_port)
     try:
         await site.start()
     except OSError:
@@ -80,14 +90,24 @@ async def start(
     return RunningSidecar(app, runner, site, f"http://{shown}:{port}")
 
 
-async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> int:
-    running = await start(settings)
+async def serve(
+    settings: Settings,
+    *,
+    ready: asyncio.Event | None = None,
+    authorizer: Authorizer | None = None,
+    stop: asyncio.Event | None = None,
+    reuse_port: bool = False,
+) -> int:
+    """Serve until SIGTERM/SIGINT (or `stop` is set), then drain. Workers pass their authorizer and port."""
+    running = await start(settings, authorizer=authorizer, reuse_port=reuse_port)
     app, runner, site = running.app, running.runner, running.site
-    warn_if_exposed(settings)
-    log.info(
-        "sidecar listening on %s -> %s (flow %s)", running.url, settings.upstream.url, settings.auth.flow.value,
-    )
-    stop = asyncio.Event()
+    unbatch = batch_access_log(asyncio.get_running_loop())
+    if not reuse_port:  # a worker: the parent says this once for all of them
+        warn_if_exposed(settings)
+        log.info(
+            "sidecar listening on %s -> %s (flow %s)", running.url, settings.upstream.url, settings.auth.flow.value,
+        )
+    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -98,9 +118,12 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> in
         log.info("shutting down: draining for up to %.0f s", settings.shutdown_grace)
         await drain(app, site, settings.shutdown_grace)
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
-        await runner.cleanup()
+        try:
+            await runner.cleanup()  # a second SIGTERM meanwhile (a worker gets one from its parent too) is absorbed
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+            unbatch()
     log.info("stopped")
     return 0
 

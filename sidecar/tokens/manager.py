@@ -72,8 +72,19 @@ class TokenManager:
         self._failures = 0
         self._next_attempt = 0.0  # no on-demand attempt before this (negative cache while the IdP is down)
         self._inflight: asyncio.Future[AccessToken] | None = None
+        self._fetch_task: asyncio.Task[None] | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._listeners: list[Callable[[AccessToken], None]] = []
+
+    def add_listener(self, listener: Callable[[AccessToken], None]) -> None:
+        """Call `listener` with every new token (worker processes get theirs pushed this way)."""
+        self._listeners.append(listener)
+
+    @property
+    def current(self) -> AccessToken | None:
+        """The cached token, valid or not (None before the first one)."""
+        return self._current
 
     @property
     def _max_wait(self) -> float:
@@ -96,6 +107,11 @@ class TokenManager:
             self._loop_task = None
         if self._inflight is not None and not self._inflight.done():
             self._inflight.cancel()
+        if self._fetch_task is not None and not self._fetch_task.done():
+            # a fetch still running would outlive the provider (its HTTP session closed under it)
+            self._fetch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._fetch_task
         await self.provider.aclose()
 
     def is_ready(self) -> bool:
@@ -143,6 +159,7 @@ class TokenManager:
             inflight = self._inflight = asyncio.get_running_loop().create_future()
             task = asyncio.create_task(self._fetch_into(inflight), name=f"token-fetch-{self.flow}")
             task.add_done_callback(_consume)
+            self._fetch_task = task
         if max_wait is None:
             return await asyncio.shield(inflight)
         try:
@@ -179,6 +196,11 @@ class TokenManager:
                 token.seconds_left(),
                 self._refresh_due - time.time(),
             )
+            for listener in self._listeners:
+                try:
+                    listener(token)
+                except Exception:  # a listener must not break the refresh
+                    log.exception("token listener failed")
             if not future.done():
                 future.set_result(token)
         finally:

@@ -1,0 +1,328 @@
+"""`workers: N`: several processes on one port, one identity-provider call per token, and a clean drain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+from harness import _WATCH, config_for
+
+from sidecar.config import ConfigError, load_config
+from sidecar.emulators import Stack
+from sidecar.token_channel import ChannelAuthorizer, TokenBroker
+from sidecar.tokens.base import AccessToken, IdentityError
+from sidecar.tokens.claims import unverified_claims
+from sidecar.tokens.manager import RetryPolicy, TokenManager
+
+CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-06-01"
+BODY = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+STREAM_BODY = json.dumps({"stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def start_workers(stack: Stack, tmp_path: Path, workers: int = 2, **overrides: object):
+    """`sidecar serve` with `workers`, once its port answers /healthz (not waiting for a token)."""
+    config = config_for(stack, workers=workers, logging={"format": "json"}, **overrides)
+    config["listen"]["port"] = free_port()
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(yaml.safe_dump(config))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidecar", "serve", "--config", str(path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=dict(os.environ),
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{config['listen']['port']}"
+    async with aiohttp.ClientSession() as http:
+        for _ in range(300):
+            try:
+                async with http.get(url + "/healthz") as response:
+                    if response.status == 200 and len(worker_pids(process.pid)) == workers:
+                        return process, url
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)
+    process.kill()
+    await process.wait()
+    raise AssertionError("sidecar serve with workers did not come up")
+
+
+async def stop(process: asyncio.subprocess.Process) -> tuple[int, list[str]]:
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        code = await asyncio.wait_for(process.wait(), 15)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.stderr is not None
+    lines = (await process.stderr.read()).decode().splitlines()
+    _WATCH.lines.extend(lines)
+    return code, lines
+
+
+def worker_pids(parent: int) -> list[int]:
+    try:
+        return [int(pid) for pid in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def connection_owner(server_port: int, client_port: int, pids: list[int]) -> int | None:
+    """Which process holds the server side of the connection from `client_port` (from /proc)."""
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
+            inode = fields[9]
+    if inode is None:
+        return None
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                if os.readlink(fd) == f"socket:[{inode}]":
+                    return pid
+            except OSError:
+                continue
+    return None
+
+
+async def accepted_by(server_port: int, client_port: int, pids: list[int]) -> int | None:
+    """The worker that accepted the connection (it may still sit in the accept queue for a moment)."""
+    for _ in range(100):
+        owner = connection_owner(server_port, client_port, pids)
+        if owner is not None:
+            return owner
+        await asyncio.sleep(0.01)
+    return None
+
+
+async def post_raw(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int) -> tuple[int, bytes]:
+    """One POST on a raw connection: status and body (the sidecar answers with a Content-Length here)."""
+    writer.write(
+        f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(BODY)}\r\n\r\n".encode()
+        + BODY
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    status = int(head.split(b" ", 2)[1])
+    length = next(
+        int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+    )
+    return status, await reader.readexactly(length)
+
+
+async def test_workers_share_one_token_and_each_serves(stack: Stack, tmp_path: Path) -> None:
+    stack.entra.fail_mode = "hang"  # the burst below arrives before any token exists
+    process, url = await start_workers(stack, tmp_path, workers=2)
+    port = int(url.rsplit(":", 1)[1])
+    pids = worker_pids(process.pid)
+    connections: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        assert len(pids) == 2
+        async with aiohttp.ClientSession() as http, http.get(url + "/readyz") as ready:
+            assert ready.status == 503  # truthful: no worker holds a token yet
+        owners = set()
+        for _ in range(64):  # the kernel spreads connections over the workers (SO_REUSEPORT)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            connections.append((reader, writer))
+            owners.add(await accepted_by(port, writer.get_extra_info("sockname")[1], pids))
+            if len(connections) >= 16 and owners == set(pids):
+                break
+        assert owners == set(pids), f"connections landed on {owners}, workers are {pids}"
+        burst = [asyncio.create_task(post_raw(r, w, port)) for r, w in connections]
+        await asyncio.sleep(0.3)
+        assert not any(task.done() for task in burst)  # every worker is waiting for the one token
+        stack.entra.fail_mode = None
+        answers = await asyncio.gather(*burst)
+        assert all(status == 200 and b"hello from upstream" in body for status, body in answers)
+        assert stack.entra.token_requests == 1  # one identity-provider call for every worker
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url + "/readyz") as ready:
+                assert ready.status == 200
+            async with http.get(url + "/metrics") as metrics:  # the parent's token counter, in a worker
+                assert 'sidecar_token_acquisitions_total{flow="client_credentials",outcome="success"} 1.0' in (
+                    await metrics.text()
+                )
+    finally:
+        stack.entra.fail_mode = None  # a parked token request would hold the parent's exit
+        for _, writer in connections:
+            writer.close()
+        code, lines = await stop(process)
+    assert code == 0
+    assert "eyJ" not in "\n".join(lines) and stack.client_secret not in "\n".join(lines)
+
+
+async def test_workers_drain_streams_on_sigterm(stack: Stack, tmp_path: Path) -> None:
+    stack.upstream.stream_delay = 0.25
+    stack.upstream.stream_chunks = 8  # ~2 s of streaming
+    process, url = await start_workers(stack, tmp_path, workers=2)
+    try:
+        async with aiohttp.ClientSession() as streamer:
+            response = await streamer.post(url + CHAT, data=STREAM_BODY)
+            first = await response.content.readany()
+            assert first.startswith(b"data: ")
+            process.send_signal(signal.SIGTERM)
+            rest = await response.read()
+            assert (first + rest).rstrip().endswith(b"data: [DONE]")  # the stream completed
+        code = await asyncio.wait_for(process.wait(), 15)
+        with pytest.raises(OSError):  # the port is closed with the sidecar
+            socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=1).close()
+    finally:
+        code, lines = await stop(process)
+    assert code == 0
+    entries = [json.loads(line) for line in lines if line.strip()]
+    access = [e for e in entries if e["logger"] == "sidecar.access"]
+    assert access and access[0]["status"] == 200 and access[0]["bytes_out"] > 0
+    assert sum("draining" in e["message"] for e in entries) == 2  # each worker drained
+
+
+async def test_workers_rotate_tokens_with_one_call_per_token(stack: Stack, tmp_path: Path) -> None:
+    stack.entra.token_lifetime = 6
+    process, url = await start_workers(stack, tmp_path, workers=2, auth={"refresh_margin": 4})
+    try:
+        statuses: list[int] = []
+        deadline = time.monotonic() + 10
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+            while time.monotonic() < deadline:  # new connections: requests spread over both workers
+                async with http.post(url + CHAT, data=BODY) as response:
+                    statuses.append(response.status)
+                await asyncio.sleep(0.05)
+    finally:
+        code, _ = await stop(process)
+    assert code == 0
+    assert set(statuses) == {200} and len(statuses) > 50
+    seen = stack.upstream.requests
+    assert all(r.claims is not None for r in seen)  # the upstream checks exp: no expired token reached it
+    tokens = {r.headers["Authorization"] for r in seen}
+    assert len(tokens) >= 3
+    assert stack.entra.token_requests == len(tokens)  # one identity-provider call per token, for both workers
+    assert all(unverified_claims(t.split()[1])["aud"] == stack.audience for t in tokens)
+
+
+class CountingProvider:
+    flow = "client_credentials"
+
+    def __init__(self, lifetime: float = 3600) -> None:
+        self.calls = 0
+        self.lifetime = lifetime
+        self.fail: IdentityError | None = None
+
+    async def fetch(self) -> AccessToken:
+        self.calls += 1
+        await asyncio.sleep(0.05)
+        if self.fail is not None:
+            raise self.fail
+        return AccessToken(f"token-{self.calls}", time.time() + self.lifetime)
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_channel_single_flight_push_and_rejection() -> None:
+    provider = CountingProvider()
+    manager = TokenManager(provider)
+    pairs = [socket.socketpair() for _ in range(2)]
+    broker = TokenBroker(manager, [parent for parent, _ in pairs])
+    workers = [ChannelAuthorizer(child, "client_credentials") for _, child in pairs]
+    await broker.start()
+    for worker in workers:
+        await worker.start()
+    try:
+        # cold: both workers ask at once, the identity provider sees one call
+        first = await asyncio.gather(*(w.token_for({}) for w in workers for _ in range(5)))
+        assert set(first) == {"token-1"} and provider.calls == 1
+        assert all(w.is_ready() for w in workers)
+        # the upstream rejected token-1 in both workers: one refresh, and both get token-2
+        second = await asyncio.gather(*(w.token_after_rejection({}, "token-1") for w in workers))
+        assert second == ["token-2", "token-2"] and provider.calls == 2
+        # a new token is pushed to every worker without being asked for
+        await manager.token_after_rejection(None, "token-2")
+        await asyncio.sleep(0.05)
+        assert [await w.token_for({}) for w in workers] == ["token-3", "token-3"]
+        assert provider.calls == 3
+    finally:
+        for worker in workers:
+            await worker.aclose()
+        await broker.aclose()
+        await manager.aclose()
+
+
+async def test_channel_errors_expiry_and_a_lost_parent() -> None:
+    provider = CountingProvider(lifetime=1.5)  # valid for 0.5 s past the manager's expiry skew
+    provider.fail = IdentityError("invalid_client: bad secret", code="AADSTS7000215", retryable=False)
+    manager = TokenManager(provider, retry=RetryPolicy(first_delay=0.01, max_delay=0.01))
+    parent, child = socket.socketpair()
+    broker = TokenBroker(manager, [parent])
+    lost = asyncio.Event()
+    worker = ChannelAuthorizer(child, "client_credentials", on_lost=lost.set)
+    await broker.start()
+    await worker.start()
+    try:
+        with pytest.raises(IdentityError) as caught:
+            await worker.token_for({})
+        assert caught.value.code == "AADSTS7000215" and not caught.value.retryable
+        assert worker.last_error is not None and not worker.is_ready()
+        provider.fail = None
+        await asyncio.sleep(0.05)  # past the (short) back-off the failure started
+        token = await worker.token_for({})
+        assert worker.is_ready()
+        await asyncio.sleep(0.6)  # now within the expiry skew: never injected, a new one is asked for
+        assert not worker.is_ready()
+        assert await worker.token_for({}) != token
+    finally:
+        await broker.aclose()
+        await manager.aclose()
+    await asyncio.wait_for(lost.wait(), 2)  # the parent's end closed: the worker is told to stop
+    with pytest.raises(IdentityError):
+        await asyncio.wait_for(worker._wait("get", {"op": "get"}), 2)
+    await worker.aclose()
+
+
+def test_workers_config(tmp_path: Path) -> None:
+    base = config_for_file(tmp_path, "client_credentials")
+    assert load_config(write(tmp_path, base)).workers == 1
+    assert load_config(write(tmp_path, {**base, "workers": "auto"})).worker_count() >= 1
+    assert load_config(write(tmp_path, {**base, "workers": 3})).worker_count() == 3
+    for wrong in (0, 65, "many"):
+        with pytest.raises(ConfigError) as caught:
+            load_config(write(tmp_path, {**base, "workers": wrong}))
+        assert caught.value.problems[0].startswith("workers: must be a number of processes")
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, {**config_for_file(tmp_path, "on_behalf_of"), "workers": 2}))
+    assert caught.value.problems == [
+        "workers: on_behalf_of gets a token per caller, which workers cannot share: use workers: 1"
+    ]
+
+
+def config_for_file(tmp_path: Path, flow: str) -> dict:
+    return {
+        "upstream": {"url": "https://func.example.net/api"},
+        "auth": {
+            "flow": flow,
+            "scope": "api://x/.default",
+            "tenant_id": "t",
+            "client_id": "c",
+            "client_secret": "s",
+        },
+    }
+
+
+def write(tmp_path: Path, config: dict) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
