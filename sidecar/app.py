@@ -1,7 +1,7 @@
 """build_app(settings) -> the aiohttp Application: routes, guards, and the lifecycle of its parts.
 
 A request's path: `dispatch` (path traversal, inbound key, routes, access log, metrics) -> Proxy.handle
-(sidecar/proxy.py) -> Authorizer.token_for (sidecar/tokens/) -> upstream (sidecar/upstream/).
+(sidecar/proxy.py) -> Authorizer.token_for (sidecar/tokens/) -> upstream (sidecar/upstream.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from sidecar.tokens import build_authorizer
 from sidecar.tokens.base import Authorizer
 from sidecar.tokens.manager import RetryPolicy
 from sidecar.tokens.tls import client_ssl_context
-from sidecar.upstream import Origin, Pool
+from sidecar.upstream import Pool
 
 log = logging.getLogger("sidecar")
 access_log = logging.getLogger("sidecar.access")
@@ -212,7 +212,8 @@ def build_app(
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         pool = Pool(
-            Origin.from_url(settings.upstream.url, client_ssl_context(settings.tls.ca_bundle)),
+            settings.upstream.url,
+            client_ssl_context(settings.tls.ca_bundle),
             connect_timeout=settings.upstream.connect_timeout,
             read_timeout=settings.upstream.read_timeout,  # idle time between bytes, never a total
             keepalive_timeout=30.0,

@@ -1,8 +1,8 @@
 """The forwarding handler: headers in, a bearer token on, the body streamed both ways, errors in the
 Azure OpenAI shape.
 
-One Proxy per app; it sends through the app's upstream connection pool (sidecar/upstream/). It asks the
-Authorizer for a token and knows nothing of flows.
+One Proxy per app; it sends through the app's upstream transport (sidecar/upstream.py, aiohttp's client).
+It asks the Authorizer for a token and knows nothing of flows.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-# content-length too: the upstream client frames the body it sends itself
+# content-length too: the transport frames the body it sends itself (same length, or chunked when unknown)
 _DROP_FROM_CALLER = HOP_BY_HOP | {"host", "authorization", "api-key", "expect", "content-length"}
 _DROP_FROM_UPSTREAM = HOP_BY_HOP
 # A body this small is kept in memory so the request can be replayed once after an upstream 401.
