@@ -106,8 +106,14 @@ def write_config(directory: Path, config: dict[str, Any]) -> str:
     return str(path)
 
 
-async def start_serve(directory: Path, config: dict[str, Any]) -> tuple[asyncio.subprocess.Process, str]:
-    """`sidecar serve` as a subprocess on a free port, returned once /readyz says 200."""
+async def start_serve(
+    directory: Path,
+    config: dict[str, Any],
+    *,
+    probe: str = "/readyz",
+    also: Callable[[asyncio.subprocess.Process], bool] = lambda process: True,
+) -> tuple[asyncio.subprocess.Process, str]:
+    """`sidecar serve` as a subprocess on a free port, returned once `probe` says 200 (and `also` holds)."""
     config = merge(config, {"listen": {"port": free_port()}})
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "sidecar", "serve", "--config", write_config(directory, config),
@@ -117,8 +123,8 @@ async def start_serve(directory: Path, config: dict[str, Any]) -> tuple[asyncio.
     async with aiohttp.ClientSession() as http:
         for _ in range(300):
             try:
-                async with http.get(url + "/readyz") as response:
-                    if response.status == 200:
+                async with http.get(url + probe) as response:
+                    if response.status == 200 and also(process):
                         return process, url
             except aiohttp.ClientConnectionError:
                 pass

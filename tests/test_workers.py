@@ -7,14 +7,13 @@ import json
 import os
 import signal
 import socket
-import sys
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 import yaml
-from harness import _WATCH, config_for
+from harness import _WATCH, config_for, start_serve
 
 from sidecar.config import ConfigError, load_config
 from sidecar.emulators import Stack
@@ -37,26 +36,9 @@ def free_port() -> int:
 async def start_workers(stack: Stack, tmp_path: Path, workers: int = 2, **overrides: object):
     """`sidecar serve` with `workers`, once its port answers /healthz (not waiting for a token)."""
     config = config_for(stack, workers=workers, logging={"format": "json"}, **overrides)
-    config["listen"]["port"] = free_port()
-    path = tmp_path / "sidecar.yaml"
-    path.write_text(yaml.safe_dump(config))
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sidecar", "serve", "--config", str(path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=dict(os.environ),
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{config['listen']['port']}"
-    async with aiohttp.ClientSession() as http:
-        for _ in range(300):
-            try:
-                async with http.get(url + "/healthz") as response:
-                    if response.status == 200 and len(worker_pids(process.pid)) == workers:
-                        return process, url
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.05)
-    process.kill()
-    await process.wait()
-    raise AssertionError("sidecar serve with workers did not come up")
+    return await start_serve(
+        tmp_path, config, probe="/healthz", also=lambda process: len(worker_pids(process.pid)) == workers
+    )
 
 
 async def stop(process: asyncio.subprocess.Process) -> tuple[int, list[str]]:
