@@ -4,12 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import NoReturn
+from typing import NoReturn, Self
 
 from aiohttp import web
 
 # Hanging or streaming handlers must not hold up stop(): give them this long, then cancel.
 SHUTDOWN_TIMEOUT = 0.25
+
+
+class Emulator:
+    """`async with` support for every emulator: start on entry, stop on exit (subclasses define both)."""
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
 
 
 class AppServer:

@@ -23,7 +23,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from sidecar.emulators import aadsts
-from sidecar.emulators._server import AppServer, drop_connection
+from sidecar.emulators._server import AppServer, Emulator, drop_connection
 from sidecar.emulators.aadsts import EntraError
 from sidecar.emulators.entra_client_auth import FEDERATED_AUDIENCE, ClientAuthenticator
 from sidecar.emulators.entra_directory import Directory, FederatedCredential
@@ -61,7 +61,7 @@ _CLAIMS_SUPPORTED = (
 ).split()
 
 
-class EntraEmulator:
+class EntraEmulator(Emulator):
     """Issues RS256 v2.0 tokens for registered clients, users and federated identities.
 
     Registration and inspection methods are plain synchronous calls; use them from the
@@ -138,13 +138,6 @@ class EntraEmulator:
         self._stopping = True
         self._signal_mode_change()
         await self._server.stop()
-
-    async def __aenter__(self) -> EntraEmulator:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
 
     # ---- addresses ----
 

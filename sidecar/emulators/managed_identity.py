@@ -26,7 +26,7 @@ from typing import Any
 from aiohttp import web
 
 from sidecar.emulators import aadsts
-from sidecar.emulators._server import AppServer
+from sidecar.emulators._server import AppServer, Emulator
 from sidecar.emulators.entra import EntraEmulator
 from sidecar.emulators.entra_directory import stable_oid
 
@@ -55,7 +55,7 @@ def _default_resource_id(name: str) -> str:
     )
 
 
-class ManagedIdentityEmulator:
+class ManagedIdentityEmulator(Emulator):
     """Serves managed identity tokens for a system-assigned identity and user-assigned ones."""
 
     def __init__(
@@ -114,13 +114,6 @@ class ManagedIdentityEmulator:
 
     async def stop(self) -> None:
         await self._server.stop()
-
-    async def __aenter__(self) -> ManagedIdentityEmulator:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
 
     @property
     def url(self) -> str:

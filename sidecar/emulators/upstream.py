@@ -23,7 +23,7 @@ from aiohttp.helpers import parse_mimetype
 from multidict import CIMultiDict
 
 from sidecar.emulators import openai_payloads as payloads
-from sidecar.emulators._server import AppServer, drop_connection
+from sidecar.emulators._server import AppServer, Emulator, drop_connection
 from sidecar.emulators.keys import JwksSource
 from sidecar.emulators.upstream_auth import BearerValidator
 from sidecar.emulators.upstream_script import RecordedRequest, Scripted
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODELS = ("gpt-4o-mini", "text-embedding-3-small", "whisper")
 
 
-class UpstreamEmulator:
+class UpstreamEmulator(Emulator):
     def __init__(
         self,
         *,
@@ -89,13 +89,6 @@ class UpstreamEmulator:
         for transport in list(self._active):
             transport.abort()
         await self._server.stop()
-
-    async def __aenter__(self) -> UpstreamEmulator:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
 
     @property
     def url(self) -> str:
