@@ -28,7 +28,7 @@ from typing import Any
 
 from sidecar.metrics import Metrics
 from sidecar.tokens.base import AccessToken, IdentityError
-from sidecar.tokens.manager import EXPIRY_SKEW, TokenManager
+from sidecar.tokens.manager import EXPIRY_SKEW, HeldToken, TokenManager, usable
 
 log = logging.getLogger("sidecar.workers")
 
@@ -38,8 +38,6 @@ def digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()[:32]
 
 
-def _valid(token: AccessToken | None) -> bool:
-    return token is not None and token.expires_on - time.time() > EXPIRY_SKEW
 
 
 def _token_message(token: AccessToken, request_id: int | None = None) -> bytes:
@@ -135,7 +133,7 @@ class TokenBroker:
                 await writer.wait_closed()
 
 
-class ChannelAuthorizer:
+class ChannelAuthorizer(HeldToken):
     """A worker's Authorizer: the parent's token, cached here until it is no longer valid."""
 
     def __init__(
@@ -181,16 +179,6 @@ class ChannelAuthorizer:
         for _, future in self._asking.values():
             future.cancel()
 
-    def is_ready(self) -> bool:
-        return _valid(self._current)
-
-    def seconds_until_expiry(self) -> float | None:
-        return None if self._current is None else self._current.seconds_left()
-
-    @property
-    def last_error(self) -> IdentityError | None:
-        return self._last_error
-
     async def token_for(self, headers: Mapping[str, str] | None = None) -> str:
         current = self._current
         if current is not None and current.expires_on - time.time() > EXPIRY_SKEW:
@@ -199,7 +187,7 @@ class ChannelAuthorizer:
 
     async def token_after_rejection(self, headers: Mapping[str, str] | None, rejected: str) -> str:
         current = self._current
-        if current is not None and current.token != rejected and _valid(current):
+        if current is not None and current.token != rejected and usable(current):
             return current.token  # a newer token arrived meanwhile
         named = digest(rejected)
         return (await self._wait(f"refresh:{named}", {"op": "refresh", "rejected": named})).token
@@ -266,10 +254,10 @@ class ChannelAuthorizer:
             expires_on=float(message["expires_on"]),
             refresh_on=float(message["refresh_on"]) if message.get("refresh_on") else None,
         )
-        if self._current is None or token.expires_on >= self._current.expires_on or not _valid(self._current):
+        if self._current is None or token.expires_on >= self._current.expires_on or not usable(self._current):
             self._current = token
         self._last_error = None
-        if not _valid(token):
+        if not usable(token):
             return
         named = digest(token.token)
         # any valid token answers a "get"; a "refresh" only with a token other than the rejected one

@@ -35,6 +35,30 @@ class RetryPolicy:
         return base * random.uniform(0.8, 1.0)
 
 
+def usable(token: AccessToken | None) -> bool:
+    """Valid for at least EXPIRY_SKEW more seconds: the only tokens ever injected."""
+    return token is not None and token.expires_on - time.time() > EXPIRY_SKEW
+
+
+class HeldToken:
+    """The token an authorizer holds and the last error, with the questions the app asks about them.
+
+    Shared by the TokenManager and the workers' ChannelAuthorizer (sidecar/token_channel.py)."""
+
+    _current: AccessToken | None = None
+    _last_error: IdentityError | None = None
+
+    def is_ready(self) -> bool:
+        return usable(self._current)
+
+    def seconds_until_expiry(self) -> float | None:
+        return None if self._current is None else self._current.seconds_left()
+
+    @property
+    def last_error(self) -> IdentityError | None:
+        return self._last_error
+
+
 TokenObserver = Callable[[str, str, float], None]  # (flow, outcome, seconds spent)
 
 
@@ -50,7 +74,7 @@ def refresh_at(token: AccessToken, margin: float, issued_at: float) -> float:
     return max(issued_at, when - jitter)
 
 
-class TokenManager:
+class TokenManager(HeldToken):
     """Caches one provider's token for every request (the flows where all requests share a token)."""
 
     def __init__(
@@ -114,16 +138,6 @@ class TokenManager:
                 await self._fetch_task
         await self.provider.aclose()
 
-    def is_ready(self) -> bool:
-        return self._valid(self._current)
-
-    def seconds_until_expiry(self) -> float | None:
-        return None if self._current is None else self._current.seconds_left()
-
-    @property
-    def last_error(self) -> IdentityError | None:
-        return self._last_error
-
     async def token_for(self, headers: Mapping[str, str] | None = None) -> str:
         current = self._current
         if current is not None and current.expires_on - time.time() > EXPIRY_SKEW:
@@ -132,14 +146,14 @@ class TokenManager:
 
     async def token_after_rejection(self, headers: Mapping[str, str] | None, rejected: str) -> str:
         current = self._current
-        if current is not None and current.token != rejected and self._valid(current):
+        if current is not None and current.token != rejected and usable(current):
             return current.token  # someone already replaced the rejected token
         return (await self._refresh_once(self._max_wait)).token
 
     async def get(self) -> AccessToken:
         """A valid token: the cached one, or a fresh one if none is valid (single-flight)."""
         current = self._current
-        if self._valid(current):
+        if usable(current):
             assert current is not None
             return current
         if self._inflight is None and time.monotonic() < self._next_attempt and self._last_error is not None:
@@ -147,10 +161,6 @@ class TokenManager:
         return await self._refresh_once(self._max_wait)
 
     # -- refreshing -----------------------------------------------------------------------------------
-
-    @staticmethod
-    def _valid(token: AccessToken | None) -> bool:
-        return token is not None and token.expires_on - time.time() > EXPIRY_SKEW
 
     async def _refresh_once(self, max_wait: float | None = None) -> AccessToken:
         """Join the refresh in flight, or start one. Every waiter gets the same token or the same error."""
@@ -213,7 +223,7 @@ class TokenManager:
         self._failures += 1
         self._next_attempt = time.monotonic() + min(self._retry.delay(self._failures), 5.0)
         self._observe("failure", started)
-        still = self._current is not None and self._valid(self._current)
+        still = self._current is not None and usable(self._current)
         log.warning(
             "token request failed (flow=%s, attempt %d): %s%s",
             self.flow,
@@ -243,7 +253,7 @@ class TokenManager:
         while True:
             if self._last_error is not None and self._failures:
                 delay = self._retry.delay(self._failures)
-                if self._current is not None and self._valid(self._current):
+                if self._current is not None and usable(self._current):
                     # don't sleep past the current token's expiry without one more try
                     delay = min(delay, max(0.0, self._current.seconds_left() - EXPIRY_SKEW))
             else:
