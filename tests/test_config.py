@@ -123,3 +123,31 @@ def test_cli_missing_file_exits_2(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "cannot read it" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_example_config_documents_every_key_and_loads() -> None:
+    import yaml
+    from pydantic import BaseModel
+
+    from sidecar.config import Settings
+
+    example = Path(__file__).parent.parent / "config.example.yaml"
+    data = yaml.safe_load(example.read_text())
+
+    def keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+        found = []
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                found += keys(annotation, f"{prefix}{name}.")
+            else:
+                found.append(prefix + name)
+        return found
+
+    for key in keys(Settings):
+        node = data
+        for part in key.split("."):
+            assert isinstance(node, dict) and part in node, f"config.example.yaml does not document {key}"
+            node = node[part]
+    data["auth"]["client_secret"] = "example"
+    assert Settings(**data).auth.flow is Flow.CLIENT_CREDENTIALS
