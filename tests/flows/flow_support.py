@@ -77,6 +77,18 @@ def flow_config(stack: Stack, auth: dict[str, Any], **overrides: Any) -> dict[st
     return merge(base, overrides)
 
 
+def obo_config(stack: Stack) -> dict[str, Any]:
+    """on_behalf_of as the sidecar's confidential client (the stack's own app registration)."""
+    auth = {
+        "flow": "on_behalf_of",
+        "tenant_id": stack.tenant_id,
+        "client_id": stack.client_id,
+        "client_secret": stack.client_secret,
+        "authority_host": stack.authority_host,
+    }
+    return flow_config(stack, auth)
+
+
 def write_config(path: Path, config: dict[str, Any]) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config))
@@ -478,16 +490,9 @@ class Rigs:
         caller_token = self.entra.issue_user_token(
             user, client_id="chat-frontend", audience=f"api://{stack.client_id}", lifetime=3600
         )
-        auth = {
-            "flow": "on_behalf_of",
-            "tenant_id": stack.tenant_id,
-            "client_id": stack.client_id,
-            "client_secret": stack.client_secret,
-            "authority_host": stack.authority_host,
-        }
         return Rig(
             flow="on_behalf_of",
-            config=flow_config(stack, auth),
+            config=obo_config(stack),
             appid=stack.client_id,
             oid=oid,
             token_requests=lambda: self.entra.requests_by_grant[GRANT_JWT_BEARER],

@@ -8,24 +8,13 @@ from typing import Any
 
 import openai
 import pytest
-from flow_support import chat, flow_config, sdk, until
+from flow_support import chat, obo_config, sdk, until
 from harness import StartSidecar
 
 from sidecar.emulators import Stack
 from sidecar.emulators.entra import GRANT_JWT_BEARER
 from sidecar.server import RunningSidecar
 from sidecar.tokens.claims import unverified_claims
-
-
-def obo_config(stack: Stack) -> dict[str, Any]:
-    auth = {
-        "flow": "on_behalf_of",
-        "tenant_id": stack.tenant_id,
-        "client_id": stack.client_id,
-        "client_secret": stack.client_secret,
-        "authority_host": stack.authority_host,
-    }
-    return flow_config(stack, auth)
 
 
 def caller_token(stack: Stack, username: str, **kwargs: Any) -> str:
