@@ -102,7 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return run_workers(settings, workers, _run)
     from sidecar.server import serve
 
-    return _run(serve(settings))
+    return _run(serve(settings, whole_process=True))
 
 
 def cmd_check(args: argparse.Namespace) -> int:

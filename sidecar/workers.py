@@ -91,7 +91,7 @@ async def _worker_main(settings: Settings, channel: socket.socket) -> int:
     stop = asyncio.Event()
     # the parent gone means no more tokens: drain and stop rather than serve until the token expires
     authorizer = ChannelAuthorizer(channel, settings.auth.flow.value, on_lost=stop.set)
-    return await serve(settings, authorizer=authorizer, stop=stop, reuse_port=True)
+    return await serve(settings, authorizer=authorizer, stop=stop, reuse_port=True, whole_process=True)
 
 
 async def _supervise(
