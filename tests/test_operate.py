@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 from pathlib import Path
 
 import aiohttp
@@ -104,6 +105,24 @@ async def test_sigterm_drains_streams_and_exits_0(stack: Stack, tmp_path: Path) 
     assert access[0]["upstream_status"] == 200 and access[0]["bytes_out"] > 0
     text = "\n".join(lines)
     assert "eyJ" not in text and stack.client_secret not in text
+
+
+async def test_sigterm_exits_promptly_while_the_identity_provider_hangs(stack: Stack, tmp_path: Path) -> None:
+    # A token request stuck on a silent identity provider (msal waits up to 30 s for an answer) must not
+    # hold the process past its grace period: Kubernetes would SIGKILL it mid-way.
+    stack.entra.fail_mode = "hang"
+    process, _ = await start_serve(tmp_path, config_for(stack, shutdown_grace=1), probe="/healthz")
+    try:
+        await asyncio.sleep(0.5)  # the first token request is out and parked by the emulator
+        assert stack.entra.token_requests >= 1
+        stopped_at = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 20) == 0
+        assert time.monotonic() - stopped_at < 4.0
+    finally:
+        err = await stop_serve(process)
+    assert "Traceback" not in err
+    assert "stopped" in err
 
 
 async def test_rotated_secret_file_is_used_without_restart(

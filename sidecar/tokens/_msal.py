@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -80,10 +81,44 @@ def token_from_result(result: dict[str, Any] | None, requested_at: float, *, sta
     )
 
 
+async def in_daemon_thread(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`function(*args, **kwargs)` in a thread of its own that never holds up the process's exit.
+
+    Why not asyncio.to_thread: the loop's default executor is joined when the loop closes, so a request
+    parked on a silent identity provider kept a stopping sidecar alive for msal's whole read timeout (30 s),
+    past Kubernetes' grace period. Token requests are rare (one per token lifetime), so a thread each is cheap.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():  # the caller was cancelled meanwhile
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def work() -> None:
+        result: T | None = None
+        error: BaseException | None = None
+        try:
+            result = function(*args, **kwargs)
+        except BaseException as exc:
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop is closed: nobody waits for this answer any more
+            pass
+
+    threading.Thread(target=work, name="sidecar-identity-call", daemon=True).start()
+    return await future
+
+
 async def call_msal(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a blocking msal call in a thread; network failures become retryable IdentityErrors."""
+    """Run a blocking msal call in a daemon thread; network failures become retryable IdentityErrors."""
     try:
-        return await asyncio.to_thread(function, *args, **kwargs)
+        return await in_daemon_thread(function, *args, **kwargs)
     except requests.exceptions.SSLError as exc:
         raise IdentityError(
             f"TLS verification of the identity provider failed: {_short(exc)}",
