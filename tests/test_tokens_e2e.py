@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import aiohttp
+import jwt
 from harness import StartSidecar, config_for, wait_ready
 
 from sidecar.emulators import Stack
@@ -98,3 +100,60 @@ async def test_identity_errors_never_carry_secrets(stack: Stack) -> None:
     assert not error.retryable
     for text in (str(error), repr(error), error.one_line(), repr(settings), str(settings.model_dump())):
         assert "wrong-secret-value" not in text
+
+
+async def test_certificate_credential_and_a_rotated_certificate_file(
+    stack: Stack, run_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    pem_path = tmp_path / "sidecar-cert.pem"
+    first = stack.ca.issue_client_cert("cert-app")
+    stack.entra.register_client("cert-app", certificate_pem=first)
+    pem_path.write_bytes(first)
+    stack.entra.token_lifetime = 3
+    config = config_for(stack, auth={"client_id": "cert-app", "certificate_path": str(pem_path), "refresh_margin": 1.5})
+    del config["auth"]["client_secret"]
+    running = await run_sidecar(config)
+    async with aiohttp.ClientSession() as http:
+        status, _ = await status_of(http, running.url)
+        assert status == 200
+        assert stack.upstream.requests[-1].claims["appid"] == "cert-app"
+        # msal signed a client assertion with the certificate (no secret anywhere)
+        form = stack.entra.last_token_request_form
+        assert "client_secret" not in form
+        assert jwt.get_unverified_header(form["client_assertion"])["alg"] == "PS256"
+
+        # The certificate is rotated: the app registration and the mounted file change, the sidecar is not restarted.
+        second = stack.ca.issue_client_cert("cert-app")
+        stack.entra.register_client("cert-app", certificate_pem=second)
+        pem_path.write_bytes(second)
+        first_token = stack.upstream.requests[-1].headers["Authorization"]
+        deadline = time.monotonic() + 10
+        # the old certificate no longer works: a new token can only come from the new file
+        while stack.upstream.requests[-1].headers["Authorization"] == first_token:
+            assert time.monotonic() < deadline, "the renewal with the rotated certificate did not happen"
+            await asyncio.sleep(0.1)
+            status, _ = await status_of(http, running.url)
+            assert status == 200
+        assert await readyz(http, running.url) == 200
+        assert stack.upstream.requests[-1].claims["appid"] == "cert-app"
+
+
+async def test_unregistered_certificate_gives_503_with_the_aadsts_code_and_hint(
+    stack: Stack, run_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    stack.entra.register_client("cert-app", certificate_pem=stack.ca.issue_client_cert("cert-app"))
+    pem_path = tmp_path / "someone-else.pem"
+    pem_path.write_bytes(stack.ca.issue_client_cert("someone-else"))
+    config = config_for(stack, auth={"client_id": "cert-app", "certificate_path": str(pem_path)})
+    del config["auth"]["client_secret"]
+    running = await run_sidecar(config)
+    async with aiohttp.ClientSession() as http:
+        deadline = time.monotonic() + 5
+        while (result := await status_of(http, running.url))[0] != 503 or "AADSTS" not in str(result[1]):
+            assert time.monotonic() < deadline, result
+            await asyncio.sleep(0.05)
+    body = result[1]
+    assert body["error"]["code"] == "AADSTS700027"
+    assert "Certificates & secrets" in body["error"]["message"]
+    assert "PRIVATE KEY" not in str(body)
+    assert stack.upstream.requests == []

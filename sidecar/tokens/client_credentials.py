@@ -7,8 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import msal
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from sidecar.config import AuthConfig, Settings, TlsConfig, read_secret_file
 from sidecar.tokens import _msal
@@ -17,6 +15,11 @@ from sidecar.tokens.base import AccessToken, IdentityError
 
 def load_certificate(path: Path, password: str | None) -> dict[str, Any]:
     """A PEM with a private key and a certificate -> msal's client_credential dict."""
+    # Imported here, not at the top: cryptography's native library is ~8 MB of resident memory that a
+    # secret-based sidecar never needs (msal loads it lazily too).
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     data = path.read_bytes()
     try:
         key = serialization.load_pem_private_key(data, password.encode() if password else None)
