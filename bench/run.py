@@ -63,7 +63,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-access-log", action="store_true", help="run the sidecar with logging.access_log off")
     parser.add_argument("--held", default="100,1000", help="stream counts to hold at once")
     parser.add_argument("--ttfb-rounds", type=int, default=40)
-    parser.add_argument("--burst-rounds", type=int, default=7)
+    parser.add_argument("--burst-rounds", type=int, default=15)
     parser.add_argument("--output", default=str(HERE / "results" / "latest.json"))
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, configs)")
     return parser.parse_args()
