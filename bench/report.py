@@ -94,6 +94,20 @@ TARGETS = (
     Target("idle_rss", "idle RSS (all processes)", "MB", 70.0, _get("idle", "rss_total_mb")),
     Target("ready", "process start to /readyz 200", "s", 1.0, _get("ready_s")),
     Target("idp_calls", "identity-provider calls minus one per token lifetime", "calls", 0.0, _idp_exact),
+    Target(
+        "sparse_added_p50_5ms",
+        "added p50 with a 5 ms pause before each request",
+        "ms",
+        None,
+        _get("sparse", "gap_5ms", "added_p50_ms"),
+    ),
+    Target(
+        "sparse_added_p50_50ms",
+        "added p50 with a 50 ms pause before each request",
+        "ms",
+        None,
+        _get("sparse", "gap_50ms", "added_p50_ms"),
+    ),
     Target("cpu_sidecar", "sidecar CPU per 1,000 proxied requests", "s", None, _get("cpu", "sidecar_s_per_1000")),
     Target("cpu_nginx", "nginx CPU per 1,000 proxied requests", "s", None, _get("cpu", "nginx_s_per_1000")),
 )
@@ -127,6 +141,16 @@ def table(summary: dict[str, Any]) -> str:
                 f"{added50:>8} {added99:>8} {row['errors']:>6}"
             )
         lines.append(f"  {'':>5} sidecar/nginx throughput {level['sidecar_over_nginx']:.1%}")
+    sparse = summary.get("sparse", {})
+    if sparse:
+        lines += ["", "sparse requests (one kept-alive connection, a pause before each request; reported)"]
+    for key, row in sparse.items():
+        lines.append(
+            f"  {key.removeprefix('gap_')} pause: p50 direct {row['direct_p50_ms']:.3f} ms, "
+            f"nginx {row['nginx_p50_ms']:.3f} ms, sidecar {row['sidecar_p50_ms']:.3f} ms; "
+            f"added: nginx {row['nginx_added_p50_ms']:.3f} ms, "
+            f"sidecar {row['added_p50_ms']:.3f} ms ({row['requests']} each)"
+        )
     sse = summary["sse"]
     lines += ["", "streaming (SSE through the upstream emulator)"]
     for key in ("single", "single_fresh"):

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import load
+import paced
 import procs
 import report
 import sse
@@ -282,6 +283,26 @@ class Bench:
             results[f"c{connections}"] = level
         return results, cpu
 
+    async def sparse(self) -> dict[str, Any]:
+        """The chat request with a pause before each one (reported, no target): sparse traffic's latency."""
+        ports = {"direct": self.ports["upstream"], "nginx": self.ports["nginx"], "sidecar": self.ports["sidecar"]}
+        tokens = {"direct": self.details["direct_token"]}
+        out: dict[str, Any] = {}
+        for gap, per_block in ((0.005, 50), (0.05, 10)):
+            times: dict[str, list[float]] = {name: [] for name in ports}
+            for block in range(4):  # interleaved blocks, the order rotating: drift hits every variant alike
+                order = list(ports)[block % 3 :] + list(ports)[: block % 3]
+                for name in order:
+                    times[name] += await paced.paced(ports[name], token=tokens.get(name), gap=gap, count=per_block)
+            p50 = {name: sse.percentile(values, 50) * 1000 for name, values in times.items()}
+            out[f"gap_{int(gap * 1000)}ms"] = {
+                "requests": len(times["direct"]),
+                **{f"{name}_p50_ms": round(value, 3) for name, value in p50.items()},
+                "nginx_added_p50_ms": round(p50["nginx"] - p50["direct"], 3),
+                "added_p50_ms": round(p50["sidecar"] - p50["direct"], 3),
+            }
+        return out
+
     async def streaming(self) -> dict[str, Any]:
         direct = sse.Target("direct", self.ports["upstream"], STREAM_PATH, token=self.details["direct_token"])
         nginx = sse.Target("nginx", self.ports["nginx"], STREAM_PATH)
@@ -394,6 +415,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         print(f"idle RSS {idle['rss_total_mb']} MB over {idle['processes']} process(es)", flush=True)
         print("request/response ...", flush=True)
         rr, cpu = bench.request_response()
+        print("sparse requests ...", flush=True)
+        sparse = asyncio.run(bench.sparse())
         print("streaming ...", flush=True)
         streams = asyncio.run(bench.streaming())
         stats = bench.emulator_stats()
@@ -416,6 +439,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "versions": versions(),
         "rr": rr,
         "cpu": cpu,
+        "sparse": sparse,
         "sse": streams,
         "idle": idle,
         "ready_s": round(ready, 3),
