@@ -41,9 +41,7 @@ class AccessLog:
         }  # fmt: skip
         self._start_time = float(getattr(logging, "_startTime", time.time()))
 
-    def log(
-        self, request: web.BaseRequest, route: str, status: int, started: float, exchange: Exchange | None
-    ) -> None:
+    def log(self, request: web.BaseRequest, route: str, status: int, started: float, exchange: Exchange | None) -> None:
         logger = self._logger
         if not logger.isEnabledFor(logging.INFO):
             return

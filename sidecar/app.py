@@ -118,7 +118,9 @@ def build_dispatch(
                 response = error_response(400, "InvalidPath", "path segments '..' are not allowed", retryable=False)
             elif keys and request.path.startswith("/openai/") and not _key_matches(_inbound_key(request, flow), keys):
                 response = error_response(
-                    401, "Unauthorized", "missing or wrong api-key for this sidecar (inbound.api_keys)",
+                    401,
+                    "Unauthorized",
+                    "missing or wrong api-key for this sidecar (inbound.api_keys)",
                     retryable=False,
                 )
             elif raw_path.startswith("/openai/") or request.rel_url.path_safe.startswith("/openai/"):
@@ -235,6 +237,8 @@ def build_app(
 
 async def not_found(request: web.BaseRequest) -> web.Response:
     return error_response(
-        404, "NotFound", "the sidecar forwards /openai/... only (and serves /healthz, /readyz, /metrics)",
+        404,
+        "NotFound",
+        "the sidecar forwards /openai/... only (and serves /healthz, /readyz, /metrics)",
         retryable=False,
     )

@@ -166,9 +166,7 @@ class AuthConfig(_Section):
                     f"auth.client_secret_file, auth.certificate_path (got {what})"
                 )
         elif given:
-            problems.append(
-                f"auth.{given[0]}: not used by auth.flow={self.flow.value}; remove it or change auth.flow"
-            )
+            problems.append(f"auth.{given[0]}: not used by auth.flow={self.flow.value}; remove it or change auth.flow")
         if self.flow is Flow.MANAGED_IDENTITY:
             named = [key for key in ("client_id", "object_id", "resource_id") if getattr(self, key)]
             if len(named) > 1:

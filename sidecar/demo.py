@@ -111,8 +111,10 @@ async def _drive(url: str, stack: object, settings: Settings) -> int:
     api_keys = sum(1 for r in seen if "api-key" in r.headers)
     authorizations = {len(r.headers.getall("Authorization", [])) for r in seen}
     audiences = sorted({str((r.claims or {}).get("aud")) for r in seen})
-    _say(f"  {len(seen)} requests; token audience {', '.join(audiences)}; app id "
-         f"{', '.join(sorted({str((r.claims or {}).get('appid')) for r in seen}))}")
+    _say(
+        f"  {len(seen)} requests; token audience {', '.join(audiences)}; app id "
+        f"{', '.join(sorted({str((r.claims or {}).get('appid')) for r in seen}))}"
+    )
     _say(f"  Authorization headers per request: {sorted(authorizations)}; requests carrying an api-key: {api_keys}")
     _say(f"  identity-provider token requests: {stack.entra.token_requests}")
     if api_keys or authorizations != {1} or audiences != [stack.audience] or len(seen) != 3:

@@ -125,36 +125,45 @@ class _Collector:
     def collect(self) -> Iterator[Metric]:
         m = self._m
         requests = CounterMetricFamily(
-            "sidecar_requests", "Requests answered, by method, status class and route family",
+            "sidecar_requests",
+            "Requests answered, by method, status class and route family",
             labels=["method", "status_class", "route"],
         )
         for labels, count in m.requests.items():
             requests.add_metric(list(labels), count)
         yield requests
         yield _histograms(
-            "sidecar_upstream_duration_seconds", "Time from sending upstream to the end of the response",
-            "route", m.upstream_latency,
+            "sidecar_upstream_duration_seconds",
+            "Time from sending upstream to the end of the response",
+            "route",
+            m.upstream_latency,
         )
         yield _histograms(
-            "sidecar_upstream_ttfb_seconds", "Time from sending upstream to the response headers",
-            "route", m.upstream_ttfb,
+            "sidecar_upstream_ttfb_seconds",
+            "Time from sending upstream to the response headers",
+            "route",
+            m.upstream_ttfb,
         )
         yield GaugeMetricFamily("sidecar_active_streams", "Responses being streamed now", value=m.active_streams)
         yield CounterMetricFamily("sidecar_request_bytes", "Request body bytes sent upstream", value=m.bytes_in)
         yield CounterMetricFamily("sidecar_response_bytes", "Response body bytes sent to callers", value=m.bytes_out)
         tokens = CounterMetricFamily(
-            "sidecar_token_acquisitions", "Token requests to the identity provider, by flow and outcome",
+            "sidecar_token_acquisitions",
+            "Token requests to the identity provider, by flow and outcome",
             labels=["flow", "outcome"],
         )
         for labels, count in m.token_acquisitions.items():
             tokens.add_metric(list(labels), count)
         yield tokens
         yield _histograms(
-            "sidecar_identity_provider_duration_seconds", "Time the identity provider took to answer",
-            "flow", m.idp_latency,
+            "sidecar_identity_provider_duration_seconds",
+            "Time the identity provider took to answer",
+            "flow",
+            m.idp_latency,
         )
         yield GaugeMetricFamily(
-            "sidecar_token_expires_in_seconds", "Seconds until the current token expires (-1 if none)",
+            "sidecar_token_expires_in_seconds",
+            "Seconds until the current token expires (-1 if none)",
             value=m.seconds_until_expiry(),
         )
 

@@ -168,8 +168,9 @@ class Proxy:
         if body.strip():
             response = web.Response(status=401, body=body)
             response.headers.extend(
-                filter_headers(upstream.headers, _DROP_FROM_UPSTREAM | {"content-length"},
-                               _connection_values(upstream.headers))
+                filter_headers(
+                    upstream.headers, _DROP_FROM_UPSTREAM | {"content-length"}, _connection_values(upstream.headers)
+                )
             )
             return response
         audience = unverified_claims(token).get("aud") or self._audience or "unknown"

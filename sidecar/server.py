@@ -129,7 +129,10 @@ async def serve(
     if not reuse_port:  # a worker: the parent says this once for all of them
         warn_if_exposed(settings)
         log.info(
-            "sidecar listening on %s -> %s (flow %s)", running.url, settings.upstream.url, settings.auth.flow.value,
+            "sidecar listening on %s -> %s (flow %s)",
+            running.url,
+            settings.upstream.url,
+            settings.auth.flow.value,
         )
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

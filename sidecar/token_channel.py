@@ -38,8 +38,6 @@ def digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()[:32]
 
 
-
-
 def _token_message(token: AccessToken, request_id: int | None = None) -> bytes:
     message: dict[str, Any] = {"token": token.token, "expires_on": token.expires_on, "refresh_on": token.refresh_on}
     if request_id is not None:

@@ -131,9 +131,7 @@ async def call_msal(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise IdentityError(f"cannot reach the identity provider: {_short(exc)}", retryable=True) from None
     except msal.exceptions.MsalServiceError as exc:
         # msal raises (rather than returning the error body) when the provider answers 5xx
-        raise IdentityError(
-            f"the identity provider is failing ({_short(exc)})", retryable=True
-        ) from None
+        raise IdentityError(f"the identity provider is failing ({_short(exc)})", retryable=True) from None
     except ValueError as exc:
         # msal raises ValueError for a bad authority / unreadable discovery document
         raise IdentityError(f"identity provider configuration problem: {_short(exc)}", retryable=True) from None

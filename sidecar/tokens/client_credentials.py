@@ -44,9 +44,7 @@ def read_client_credential(auth: AuthConfig) -> str | dict[str, Any]:
         try:
             secret = read_secret_file(auth.client_secret_file)
         except OSError as exc:
-            raise IdentityError(
-                f"cannot read auth.client_secret_file: {exc.strerror}", retryable=True
-            ) from None
+            raise IdentityError(f"cannot read auth.client_secret_file: {exc.strerror}", retryable=True) from None
         if not secret:
             raise IdentityError("auth.client_secret_file is empty", retryable=True)
         return secret
