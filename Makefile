@@ -18,9 +18,15 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check sidecar tests bench
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# wrk and nginx come from apt when missing (as root, or through sudo); RUNLEVEL=1 keeps the package's own
+# nginx service from starting: the benchmark runs its own instances on free loopback ports.
 bench: $(STAMP)
-	@command -v wrk >/dev/null && command -v nginx >/dev/null || { apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq wrk nginx >/dev/null; }
+	@command -v wrk >/dev/null && command -v nginx >/dev/null || { \
+	  command -v apt-get >/dev/null || { echo "make bench needs wrk and nginx: install them with your package manager" >&2; exit 2; }; \
+	  as_root=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  echo "installing wrk and nginx with apt-get ..."; \
+	  $$as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $$as_root env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq wrk nginx >/dev/null; }
 	$(PY) bench/run.py
 
 validate: $(STAMP)
