@@ -86,7 +86,8 @@ async def in_daemon_thread(function: Callable[..., T], *args: Any, **kwargs: Any
 
     Why not asyncio.to_thread: the loop's default executor is joined when the loop closes, so a request
     parked on a silent identity provider kept a stopping sidecar alive for msal's whole read timeout (30 s),
-    past Kubernetes' grace period. Token requests are rare (one per token lifetime), so a thread each is cheap.
+    past Kubernetes' grace period. Identity calls are rare (once per token lifetime, per caller at most), so a
+    thread each is cheap.
     """
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
