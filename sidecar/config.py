@@ -6,6 +6,7 @@ Sources, strongest first: environment (`SIDECAR_` prefix, `__` between nested ke
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from enum import StrEnum
 from pathlib import Path
@@ -52,6 +53,15 @@ class Flow(StrEnum):
     DEFAULT = "default"
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -59,6 +69,12 @@ class _Section(BaseModel):
 class ListenConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    # A new connection must deliver its first request head within this time (slow-header callers hold sockets).
+    header_timeout: float = Field(10.0, gt=0)
+    # An idle kept-alive connection is closed after this long (aiohttp's default is about an hour).
+    keepalive_timeout: float = Field(75.0, gt=0)
+    # Connections past this many are closed at once: the process keeps descriptors for the upstream side.
+    max_connections: int = Field(2048, ge=1)
 
 
 class UpstreamConfig(_Section):
@@ -67,6 +83,22 @@ class UpstreamConfig(_Section):
     read_timeout: float = Field(300.0, gt=0)
     headers: dict[str, SecretStr] = Field(default_factory=dict)
     headers_files: dict[str, Path] = Field(default_factory=dict)
+    # http:// to anything but loopback sends the token in cleartext: refused unless asked for by name.
+    allow_insecure: bool = False
+    # Bytes of small request bodies all requests together keep for replaying once after an upstream 401.
+    replay_buffer: int = Field(64 * 1024 * 1024, ge=0)
+
+    @model_validator(mode="after")
+    def _cleartext_only_on_loopback(self) -> UpstreamConfig:
+        from yarl import URL
+
+        url = URL(self.url)
+        if url.scheme == "http" and not self.allow_insecure and not is_loopback(url.host or ""):
+            raise ValueError(
+                f"upstream.url: http:// to {url.host} would send the bearer token in cleartext; use https://, "
+                "or set upstream.allow_insecure: true if the network path is protected otherwise"
+            )
+        return self
 
     @field_validator("url")
     @classmethod
@@ -319,7 +351,7 @@ def _explain(error: ValidationError) -> list[str]:
             lines.append(f"{key}: unknown key; check its spelling against config.example.yaml")
         elif kind == "enum":
             lines.append(f"{key}: {message}")
-        elif "\n" in message or message.startswith("auth."):
+        elif "\n" in message or message.startswith(("auth.", "upstream.")):
             # a cross-key rule already names its keys, one per line
             lines.extend(message.splitlines())
         else:

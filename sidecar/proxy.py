@@ -22,10 +22,18 @@ from sidecar.metrics import Metrics
 from sidecar.routes import route_family
 from sidecar.tokens.base import Authorizer, IdentityError
 from sidecar.tokens.claims import unverified_claims
-from sidecar.upstream import ConnectError, ConnectTimeout, Pool, ReadTimeout, Response, UpstreamError
+from sidecar.upstream import (
+    ConnectError,
+    ConnectTimeout,
+    OffOrigin,
+    Pool,
+    ReadTimeout,
+    Response,
+    Unsendable,
+    UpstreamError,
+)
 
 log = logging.getLogger("sidecar.proxy")
-access_log = logging.getLogger("sidecar.access")
 
 # RFC 9110 hop-by-hop headers, plus those that must never travel upstream from the caller.
 HOP_BY_HOP = frozenset(
@@ -79,18 +87,37 @@ def _connection_values(headers: Iterable[tuple[str, str]]) -> list[str]:
     return [value for name, value in headers if name.lower() == "connection"]
 
 
+class ReplayBudget:
+    """The bytes all requests together may hold in memory for a 401 replay. Past it a request streams without
+    replay, so callers waiting for a token (or a slow upstream) cannot pile up memory."""
+
+    __slots__ = ("_left",)
+
+    def __init__(self, total: int) -> None:
+        self._left = total
+
+    def take(self, size: int) -> bool:
+        if size > self._left:
+            return False
+        self._left -= size
+        return True
+
+    def give(self, size: int) -> None:
+        self._left += size
+
+
 class Proxy:
     def __init__(
         self,
         *,
-        upstream_url: str,
         authorizer: Authorizer,
         metrics: Metrics,
         extra_headers: Mapping[str, str] | None = None,
         audience: str = "",
+        replay_budget: int = 64 * REPLAYABLE_BODY,
     ) -> None:
-        self.upstream_url = upstream_url
         self._authorizer = authorizer
+        self._replay = ReplayBudget(replay_budget)
         self._pool: Pool | None = None
         self._metrics = metrics
         # static headers replace any the caller sent under the same name
@@ -110,31 +137,43 @@ class Proxy:
         connection = caller.getall("Connection", ()) if "Connection" in caller else ()
         headers = filter_headers(caller.items(), self._drop_from_caller, connection)
         headers += self._extra_headers
+        reserved = 0
         try:
-            # Small bodies are read so a 401 can be replayed; large or chunked ones stream (None).
+            # Small bodies are read so a 401 can be replayed, while the replay budget lasts; large, chunked or
+            # over-budget ones stream (None) and a 401 reaches the caller as it is.
             if not request.body_exists:
                 body: bytes | None = b""
-            elif (length := request.content_length) is not None and length <= REPLAYABLE_BODY:
+            elif (
+                (length := request.content_length) is not None
+                and length <= REPLAYABLE_BODY
+                and self._replay.take(length)
+            ):
+                reserved = length
                 body = await request.read()
             else:
                 body = None
             token = await self._authorizer.token_for(caller)
             upstream = await self._send(request, headers, token, body, exchange)
-            if upstream.status == 401 and body is not None:
-                await _discard(upstream)
-                log.info("upstream answered 401; refreshing the token and replaying once")
-                token = await self._authorizer.token_after_rejection(caller, token)
-                upstream = await self._send(request, headers, token, body, exchange)
-            exchange.upstream_status = upstream.status
             if upstream.status == 401:
-                replaced = await self._explain_empty_401(upstream, token)
-                if replaced is not None:
-                    return replaced
+                rejection = await _read_whole(upstream)
+                # The authorizer decides whether a new token is worth an identity-provider call (None: it is not)
+                newer = None if body is None else await self._authorizer.token_after_rejection(caller, token)
+                if newer is not None:
+                    log.info("upstream answered 401; replaying once with a new token")
+                    token = newer
+                    upstream = await self._send(request, headers, token, body, exchange)
+                    rejection = await _read_whole(upstream) if upstream.status == 401 else None
+                if rejection is not None:
+                    exchange.upstream_status = 401
+                    return self._rejection_response(upstream, rejection, token)
+            exchange.upstream_status = upstream.status
+            return await self._relay(request, upstream, exchange)
         except IdentityError as exc:
             return identity_error_response(exc)
         except UpstreamError as exc:
             return _failure_response(exc)
-        return await self._relay(request, upstream, exchange)
+        finally:
+            self._replay.give(reserved)
 
     async def _send(
         self,
@@ -159,12 +198,8 @@ class Proxy:
         self._metrics.observe_ttfb(exchange.route, time.monotonic() - sent)
         return upstream
 
-    async def _explain_empty_401(self, upstream: Response, token: str) -> web.Response | None:
-        """App Service authentication answers 401 with no body; say what is most likely wrong instead."""
-        try:
-            body = await upstream.read()
-        finally:
-            upstream.close()
+    def _rejection_response(self, upstream: Response, body: bytes, token: str) -> web.Response:
+        """The upstream's 401 as it was; an empty one (App Service authentication) explained instead."""
         if body.strip():
             response = web.Response(status=401, body=body)
             response.headers.extend(
@@ -185,14 +220,15 @@ class Proxy:
     async def _relay(self, request: web.BaseRequest, upstream: Response, exchange: Exchange) -> web.StreamResponse:
         received = upstream.headers
         headers = CIMultiDict(filter_headers(received, _DROP_FROM_UPSTREAM, _connection_values(received)))
-        data = upstream.ready()
         # Body bytes already here leave in the same write as the head (one syscall, one wake-up for the
         # caller); with none yet (a model still thinking) the head goes out at once: the caller sees the start.
-        kind = _CoalescingResponse if data or upstream.ended else web.StreamResponse
-        response = kind(status=upstream.status, reason=upstream.reason, headers=headers)
         metrics = self._metrics
         metrics.stream_started()
+        response: web.StreamResponse | None = None
         try:
+            data = upstream.ready()
+            kind = _CoalescingResponse if data or upstream.ended else web.StreamResponse
+            response = kind(status=upstream.status, reason=upstream.reason, headers=headers)
             await response.prepare(request)
             while True:
                 exchange.bytes_out += len(data)
@@ -205,12 +241,15 @@ class Proxy:
         except (UpstreamError, *_CALLER_WRITE_ERRORS, TimeoutError) as exc:
             if isinstance(exc, ConnectionResetError) and _caller_gone(request):
                 raise asyncio.CancelledError from None  # the caller left; nothing to tell it
+            if response is None and isinstance(exc, UpstreamError):
+                return _failure_response(exc)  # broken before anything was sent: the caller gets a 502
             # Headers are out: the only honest signal left is to cut the connection without a clean end.
             log.warning("upstream failed mid-response (%s); aborting the caller's connection", type(exc).__name__)
             _abort(request)
         finally:
             upstream.close()  # an unfinished upstream exchange is closed: a caller that left ends it too
             metrics.stream_ended(exchange.route, exchange.bytes_out, time.monotonic() - exchange.started)
+        assert response is not None
         return response
 
 
@@ -227,6 +266,10 @@ class _CoalescingResponse(web.StreamResponse):
 
 def _failure_response(exc: UpstreamError) -> web.Response:
     """The JSON answer for an upstream that could not be reached or answered nothing usable."""
+    if isinstance(exc, Unsendable):
+        if isinstance(exc, OffOrigin):  # the gate should have refused it: worth a line for whoever maintains it
+            log.warning("refused to send a request off the upstream's origin")
+        return error_response(400, "InvalidRequest", str(exc), retryable=False)
     if isinstance(exc, ConnectError):
         return error_response(502, "UpstreamUnreachable", f"cannot connect to the upstream: {exc.os_error}")
     if isinstance(exc, ConnectTimeout):
@@ -236,11 +279,12 @@ def _failure_response(exc: UpstreamError) -> web.Response:
     return error_response(502, "UpstreamError", f"the upstream connection failed: {exc}")
 
 
-async def _discard(upstream: Response) -> None:
+async def _read_whole(upstream: Response) -> bytes:
+    """A (small) rejection's body, read so the connection can be pooled again; b"" if it broke off."""
     try:
-        await upstream.read()
+        return await upstream.read()
     except UpstreamError:
-        pass
+        return b""
     finally:
         upstream.close()
 

@@ -5,30 +5,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import ipaddress
 import logging
 import signal
 import time
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_server import Server
 
 from sidecar.accesslog import batch_access_log
 from sidecar.app import DISPATCH, STATE, build_app
-from sidecar.config import Settings
+from sidecar.config import Settings, is_loopback
 from sidecar.tokens.base import Authorizer
 from sidecar.tokens.manager import RetryPolicy
 
 log = logging.getLogger("sidecar")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def warn_if_exposed(settings: Settings) -> None:
@@ -59,14 +52,111 @@ def settle_gc() -> None:
     gc.set_threshold(GEN0_THRESHOLD, gen1, gen2)
 
 
+class _QuietMalformed(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's server logs every request it cannot parse (bad framing, an oversized header, HTTP/9.9) as an
+    ERROR with a traceback: any caller could fill the log and page on-call. Those become one INFO line with the
+    error's class and the peer; anything else (a bug of ours) keeps its traceback."""
+
+    def exception(self, msg: object, *args: object, exc_info: object = True, **kwargs: object) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            peer = args[0] if args else "unknown"
+            self.logger.info("malformed request from %s: %s", peer, type(exc_info).__name__)
+            return
+        self.logger.exception(msg, *args, exc_info=exc_info, **kwargs)  # type: ignore[arg-type]
+
+
 def make_runner(app: web.Application, settings: Settings) -> web.AppRunner:
     return web.AppRunner(
         app,
         handler_cancellation=True,  # a caller that disconnects cancels its handler, closing the upstream
-        access_log=None,  # the guard middleware writes one line per request
+        access_log=None,  # dispatch writes one line per request (sidecar/accesslog.py)
         shutdown_timeout=1.0,  # draining happens before cleanup, see serve()
         auto_decompress=False,
+        keepalive_timeout=settings.listen.keepalive_timeout,
+        logger=_QuietMalformed(logging.getLogger("sidecar.http"), {}),
     )
+
+
+class ConnectionGuard:
+    """Bounds what callers can hold: connections past `max_connections` are closed before aiohttp sees them,
+    and a connection that has not delivered its first request head within `header_timeout` is closed
+    (slow-header callers). It is the protocol factory of the listening socket: every connection passes it.
+    """
+
+    def __init__(self, server: Server, *, max_connections: int, header_timeout: float) -> None:
+        self._server = server
+        self._max = max_connections
+        self._header_timeout = header_timeout
+        self.open = 0
+        self.refused = 0
+
+    def __call__(self) -> asyncio.Protocol:
+        return _GuardedConnection(self, self._server())
+
+
+class _GuardedConnection(asyncio.Protocol):
+    """aiohttp's RequestHandler behind the guard. The transport calls the handler's own methods for data and
+    flow control (bound at construction: no extra frame per read); only the connection's start and end pass
+    through here."""
+
+    def __init__(self, guard: ConnectionGuard, handler: RequestHandler) -> None:
+        self._guard = guard
+        self._handler: RequestHandler | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self.data_received = handler.data_received  # type: ignore[method-assign]
+        self.eof_received = handler.eof_received  # type: ignore[method-assign]
+        self.pause_writing = handler.pause_writing  # type: ignore[method-assign]
+        self.resume_writing = handler.resume_writing  # type: ignore[method-assign]
+        self._pending = handler
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        guard = self._guard
+        guard.open += 1
+        if guard.open > guard._max:
+            guard.refused += 1
+            transport.close()  # aiohttp never sees this connection
+            return
+        self._handler = self._pending
+        self._handler.connection_made(transport)
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.call_later(guard._header_timeout, _close_if_silent, self._handler)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._guard.open -= 1
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if self._handler is not None:
+            self._handler.connection_lost(exc)
+
+
+def _close_if_silent(handler: RequestHandler) -> None:
+    # aiohttp counts the request heads a connection delivered (private, hence the pinned minor version;
+    # tests/test_hostile.py fails if it changes meaning)
+    if handler._request_count == 0:
+        handler.force_close()
+
+
+class GuardedSite(web.TCPSite):
+    """aiohttp's TCPSite, with the ConnectionGuard between the listening socket and aiohttp's server."""
+
+    def __init__(self, runner: web.AppRunner, settings: Settings, *, reuse_port: bool = False) -> None:
+        super().__init__(runner, settings.listen.host, settings.listen.port, reuse_address=True, reuse_port=reuse_port)
+        self._settings = settings
+        self.guard: ConnectionGuard | None = None
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with its runner
+        server = self._runner.server
+        assert server is not None
+        listen = self._settings.listen
+        self.guard = ConnectionGuard(
+            server, max_connections=listen.max_connections, header_timeout=listen.header_timeout
+        )
+        # TCPSite.start's own steps (aiohttp 3.14), with the guard as the protocol factory
+        self._server = await asyncio.get_running_loop().create_server(
+            self.guard, self._host, self._port, backlog=self._backlog, reuse_address=True, reuse_port=self._reuse_port
+        )
+        self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
 
 
 @dataclass
@@ -75,7 +165,7 @@ class RunningSidecar:
 
     app: web.Application
     runner: web.AppRunner
-    site: web.TCPSite
+    site: GuardedSite
     url: str
 
     async def aclose(self) -> None:
@@ -97,14 +187,13 @@ async def start(
         # The app routes every path to one function; calling it directly skips aiohttp's router and
         # Application._handle (see build_dispatch). No connection exists yet: all of them use it.
         runner.server.request_handler = app[DISPATCH]
-    site = web.TCPSite(runner, settings.listen.host, settings.listen.port, reuse_address=True, reuse_port=reuse_port)
+    site = GuardedSite(runner, settings, reuse_port=reuse_port)
     try:
         await site.start()
     except OSError:
         await runner.cleanup()
         raise
-    server = site._server
-    port = server.sockets[0].getsockname()[1] if server is not None and server.sockets else settings.listen.port
+    port = site.port  # the bound port when the config asked for 0
     host = settings.listen.host
     shown = f"[{host}]" if ":" in host else host
     return RunningSidecar(app, runner, site, f"http://{shown}:{port}")

@@ -41,6 +41,16 @@ class ConnectionLost(UpstreamError):
     pass
 
 
+class Unsendable(UpstreamError):
+    """The request cannot be sent as the caller wrote it (a header value that is not UTF-8 or holds a line
+    break): the caller's fault, answered with 400 before a byte leaves."""
+
+
+class OffOrigin(Unsendable):
+    """The URL built for a request is not on the upstream's origin or under its base path. The request gate
+    (sidecar/gate.py) already refuses such targets; this is the second lock on the same door."""
+
+
 class Response:
     """A response head; the body follows as it arrives through `ready()`/`next()`, or whole with `read()`."""
 
@@ -55,7 +65,10 @@ class Response:
 
     def ready(self) -> bytes:
         """Body bytes already here, without waiting (small answers arrive with their head)."""
-        return self._content.read_nowait()
+        try:
+            return self._content.read_nowait()
+        except aiohttp.ClientError as exc:
+            raise ConnectionLost(f"the upstream broke the response off: {exc}") from None
 
     async def next(self) -> bytes:
         """The next body bytes, b"" at the end; raises ConnectionLost/ReadTimeout if the body is cut short."""
@@ -95,6 +108,9 @@ class Pool:
         keepalive_timeout: float = 30.0,
     ) -> None:
         self._base = url.rstrip("/")
+        base = URL(self._base)
+        self._origin = (base.scheme, base.raw_host, base.port)
+        self._under = base.raw_path.rstrip("/") + "/"  # every request path starts with the base path and a slash
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
                 limit=0,  # streams are long: a pool cap would queue callers behind them
@@ -126,10 +142,13 @@ class Pool:
         outgoing = CIMultiDict(headers)
         if body is None and stream_length is not None:
             outgoing["Content-Length"] = str(stream_length)  # a known length streams as is, not chunked
+        url = URL(self._base + path_qs, encoded=True)  # byte-for-byte: no re-encoding, no normalising
+        if (url.scheme, url.raw_host, url.port) != self._origin or not url.raw_path.startswith(self._under):
+            raise OffOrigin("the request target does not stay on the upstream's origin and base path")
         try:
             response = await self._session.request(
                 method,
-                URL(self._base + path_qs, encoded=True),  # byte-for-byte: no re-encoding, no normalising
+                url,
                 headers=outgoing,
                 data=(body or None) if body is not None else stream,
                 allow_redirects=False,  # a redirect goes back to the caller; our token never follows it
@@ -142,6 +161,8 @@ class Pool:
             raise ReadTimeout("the upstream sent no response within upstream.read_timeout") from None
         except aiohttp.ClientError as exc:
             raise UpstreamError(str(exc)) from None
+        except ValueError:  # aiohttp refuses to serialise the head: a non-UTF-8 or multi-line header value
+            raise Unsendable("a request header value is not UTF-8 text or holds a line break") from None
         return Response(response)
 
     async def close(self) -> None:
