@@ -151,3 +151,21 @@ def test_example_config_documents_every_key_and_loads() -> None:
             node = node[part]
     data["auth"]["client_secret"] = "example"
     assert Settings(**data).auth.flow is Flow.CLIENT_CREDENTIALS
+
+
+def test_cleartext_upstream_is_refused_unless_named(tmp_path: Path) -> None:
+    """main accepted http:// to any host silently: the token would cross the network in cleartext."""
+    insecure = GOOD.replace("https://func.example.net/api", "http://func.example.net/api")
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, insecure))
+    (line,) = caught.value.problems
+    assert line.startswith("upstream.url: http:// to func.example.net")
+    assert "https://" in line and "upstream.allow_insecure: true" in line
+    allowed = insecure.replace(
+        "  url: http://func.example.net/api\n", "  url: http://func.example.net/api\n  allow_insecure: true\n"
+    )
+    assert load_config(write(tmp_path, allowed)).upstream.allow_insecure is True
+    for loopback in ("http://127.0.0.1:8081/api", "http://localhost:8081", "http://[::1]:8081"):
+        assert load_config(write(tmp_path, GOOD.replace("https://func.example.net/api", loopback))).upstream.url
+    result = run_cli("check", "--config", str(write(tmp_path, insecure)))
+    assert result.returncode == 2 and "upstream.allow_insecure" in result.stderr
