@@ -158,6 +158,9 @@ class AuthConfig(_Section):
     federated_token_file: Path | None = None
     # on-behalf-of: how many users' tokens to keep
     obo_cache_size: int = Field(10_000, ge=1)
+    # on-behalf-of: the sidecar app's Application ID URI when it is not api://<client_id>; callers' tokens
+    # with this audience are accepted too (besides <client_id> and api://<client_id>)
+    app_id_uri: str | None = None
     # default: DefaultAzureCredential's credentials to leave out, e.g. [managed_identity]
     exclude_credentials: list[str] = Field(default_factory=list)
 

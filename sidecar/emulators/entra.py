@@ -114,6 +114,7 @@ class EntraEmulator(Emulator):
 
         self.token_requests = 0
         self.requests_by_grant: Counter[str] = Counter()
+        self.jwks_requests = 0  # GETs of the signing keys (validators that cache keys must not refetch often)
         self.device_flows_started = 0
         self.last_token_request_form: dict[str, str] = {}
 
@@ -206,10 +207,13 @@ class EntraEmulator(Emulator):
         public: bool = False,
         display_name: str | None = None,
         redirect_uris: Sequence[str] = (),
+        identifier_uris: Sequence[str] = (),
     ) -> None:
         """A confidential client (secret and/or certificate PEM) or, with ``public=True``, a public one.
 
         ``roles`` are the app roles granted to the client (they appear in its app-only tokens).
+        ``identifier_uris`` are Application ID URIs it exposes besides ``api://<client_id>`` (OBO assertions
+        may be addressed to any of them).
         Loopback ``http://localhost:*`` redirect URIs are always accepted, as for Entra public clients.
         """
         self.directory.register_client(
@@ -221,6 +225,7 @@ class EntraEmulator(Emulator):
             public=public,
             display_name=display_name,
             redirect_uris=redirect_uris,
+            identifier_uris=identifier_uris,
         )
 
     def set_client_secret(self, client_id: str, secret: str | None) -> None:
@@ -328,6 +333,7 @@ class EntraEmulator(Emulator):
     def reset_counters(self) -> None:
         self.token_requests = 0
         self.requests_by_grant.clear()
+        self.jwks_requests = 0
         self.device_flows_started = 0
         self.last_token_request_form = {}
         self.issued.clear()
@@ -415,6 +421,7 @@ class EntraEmulator(Emulator):
         )
 
     async def _keys(self, request: web.Request) -> web.Response:
+        self.jwks_requests += 1
         self._check_tenant(request)
         return web.json_response(self.jwks)
 

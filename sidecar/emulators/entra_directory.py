@@ -38,6 +38,7 @@ class ClientApp:
     secret: str | None = None
     certificates: list[x509.Certificate] = field(default_factory=list)
     redirect_uris: tuple[str, ...] = ()
+    identifier_uris: tuple[str, ...] = ()
 
 
 @dataclass
@@ -118,6 +119,7 @@ class Directory:
         public: bool,
         display_name: str | None,
         redirect_uris: Sequence[str],
+        identifier_uris: Sequence[str] = (),
     ) -> ClientApp:
         if public and (secret or certificate_pem):
             raise ValueError("a public client has no secret or certificate")
@@ -131,6 +133,7 @@ class Directory:
             secret=secret,
             certificates=certificates,
             redirect_uris=tuple(redirect_uris),
+            identifier_uris=tuple(identifier_uris),
         )
         self.clients[client_id] = app
         return app

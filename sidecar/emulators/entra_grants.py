@@ -13,7 +13,7 @@ import jwt
 
 from sidecar.emulators import aadsts
 from sidecar.emulators.entra_client_auth import ClientAuthenticator, ClientAuthResult
-from sidecar.emulators.entra_directory import Directory, User
+from sidecar.emulators.entra_directory import ClientApp, Directory, User
 from sidecar.emulators.entra_scopes import ScopeRequest, parse_scope
 from sidecar.emulators.entra_tokens import TokenMinter, client_info
 
@@ -134,7 +134,7 @@ class GrantHandler:
         assertion = form.get("assertion")
         if not assertion:
             raise aadsts.missing_parameter("assertion")
-        claims = self._verify_user_assertion(assertion, auth.client.client_id)
+        claims = self._verify_user_assertion(assertion, auth.client)
         # The new token keeps the identity the assertion carries; remember it so a later
         # refresh of the OBO refresh token yields the same oid.
         username = claims.get("preferred_username") or claims["oid"]
@@ -145,7 +145,7 @@ class GrantHandler:
 
     # ---- helpers ----
 
-    def _verify_user_assertion(self, assertion: str, client_id: str) -> dict[str, Any]:
+    def _verify_user_assertion(self, assertion: str, client: ClientApp) -> dict[str, Any]:
         try:
             claims: dict[str, Any] = jwt.decode(
                 assertion,
@@ -159,7 +159,8 @@ class GrantHandler:
         now = int(time.time())
         if int(claims["exp"]) <= now:
             raise aadsts.obo_assertion_expired(now, int(claims["exp"]))
-        if claims.get("aud") not in (client_id, f"api://{client_id}"):
+        client_id = client.client_id
+        if claims.get("aud") not in (client_id, f"api://{client_id}", *client.identifier_uris):
             raise aadsts.obo_audience_mismatch(claims.get("aud"), client_id)
         if claims.get("idtyp") == "app" or "scp" not in claims:
             raise aadsts.invalid_grant("The assertion is not a delegated (user) access token.")

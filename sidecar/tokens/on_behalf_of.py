@@ -3,12 +3,17 @@ the upstream, with the caller's identity.
 
 Tokens here depend on the caller, so this flow is its own Authorizer: a bounded LRU of exchanged tokens keyed
 by sha256(assertion) + scope, single-flight per user. Users never share an entry.
+
+Callers are not trusted to spend the sidecar's identity-provider calls: their token is validated first
+(sidecar/tokens/caller_token.py) and a bad one costs no exchange, no LRU slot and no readiness. Failures are
+remembered per token for a few seconds, so a flood of the same bad token costs one validation.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -19,12 +24,21 @@ import msal
 from sidecar.config import AuthConfig, Settings, TlsConfig
 from sidecar.tokens import _msal
 from sidecar.tokens.base import AccessToken, IdentityError
-from sidecar.tokens.claims import unverified_claims
+from sidecar.tokens.caller_token import CallerTokenValidator
 from sidecar.tokens.client_credentials import ConfidentialApp
 from sidecar.tokens.manager import EXPIRY_SKEW, TokenObserver, refresh_at
 
+log = logging.getLogger("sidecar.tokens")
+
 # Errors that are about the caller's token, not about the sidecar: the caller gets 401 and must fix it.
 _CALLER_ERRORS = {"invalid_grant", "interaction_required", "consent_required"}
+# A failed token is answered from memory this long (its own sha256 is the key) ...
+FAILURE_TTL = 5.0
+# ... for at most this many tokens, oldest forgotten first: a flood of distinct bad tokens stays bounded.
+FAILURE_CAPACITY = 4096
+# A user whose freshly exchanged token the upstream rejected too gets no exchange triggered by a rejection
+# for this long: the upstream refuses that user (a role, a policy), and exchanging again will not change it.
+REJECTION_BACKOFF = 30.0
 
 
 class _NoCache(msal.TokenCache):
@@ -35,16 +49,29 @@ class _NoCache(msal.TokenCache):
 
 
 class _Entry:
-    __slots__ = ("inflight", "refresh_due", "token")
+    """A successful exchange: only these take an LRU slot."""
 
-    def __init__(self) -> None:
-        self.token: AccessToken | None = None
-        self.refresh_due = 0.0
-        self.inflight: asyncio.Future[AccessToken] | None = None
+    __slots__ = ("after_rejection", "quiet_until", "refresh_due", "token")
+
+    def __init__(self, token: AccessToken, refresh_due: float, after_rejection: bool) -> None:
+        self.token = token
+        self.refresh_due = refresh_due
+        self.after_rejection = after_rejection  # exchanged because the upstream rejected the previous token
+        self.quiet_until = 0.0  # monotonic; set when this token, too, was rejected
 
     def fresh(self, now: float) -> bool:
-        token = self.token
-        return token is not None and now < self.refresh_due and token.expires_on - now > EXPIRY_SKEW
+        return now < self.refresh_due and self.token.expires_on - now > EXPIRY_SKEW
+
+
+class _Pending:
+    """An exchange in flight for one caller token; everyone presenting that token waits for it."""
+
+    __slots__ = ("after_rejection", "future", "task")
+
+    def __init__(self, future: asyncio.Future[AccessToken]) -> None:
+        self.future = future
+        self.after_rejection = False
+        self.task: asyncio.Task[None] | None = None
 
 
 def bearer_of(headers: Mapping[str, str]) -> str | None:
@@ -64,16 +91,20 @@ class OnBehalfOfAuthorizer:
         tls: TlsConfig,
         *,
         observer: TokenObserver | None = None,
+        validator: CallerTokenValidator | None = None,
     ) -> None:
         self._scope = auth.scope
         self._client_id = auth.client_id
         self._margin = auth.refresh_margin
         self._capacity = auth.obo_cache_size
         self._app = ConfidentialApp(auth, tls, token_cache=_NoCache())
+        self._validator = validator or CallerTokenValidator(auth, tls)
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._pending: dict[str, _Pending] = {}
+        self._failures: OrderedDict[str, tuple[float, IdentityError]] = OrderedDict()
         self._observer = observer
         self.exchanges = 0  # identity-provider calls made, for `sidecar check` and tests
-        self.last_error: IdentityError | None = None
+        self._exchange_error: IdentityError | None = None  # the sidecar's own, never a caller's
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OnBehalfOfAuthorizer:
@@ -83,34 +114,35 @@ class OnBehalfOfAuthorizer:
         self._observer = observer
 
     async def start(self) -> None:
-        return None
+        await self._validator.start()
 
     async def aclose(self) -> None:
-        for entry in self._entries.values():
-            if entry.inflight is not None and not entry.inflight.done():
-                entry.inflight.cancel()
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.cancel()
+            if pending.task is not None:
+                pending.task.cancel()
+        self._pending.clear()
         self._entries.clear()
+        self._failures.clear()
+        await self._validator.aclose()
         self._app.close()
 
+    @property
+    def last_error(self) -> IdentityError | None:
+        """The sidecar's own failure (its credential, the identity provider, the tenant's keys), if any."""
+        return self._validator.last_error or self._exchange_error
+
     def is_ready(self) -> bool:
-        # There is no token to hold before a caller arrives; ready unless the sidecar's own credential failed.
-        return self.last_error is None or self.last_error.status == 401
+        # There is no token to hold before a caller arrives; ready unless the sidecar itself cannot work.
+        # A caller's bad token is that caller's 401, never the whole pod's readiness.
+        return self.last_error is None
 
     def seconds_until_expiry(self) -> float | None:
         return None
 
     def _key(self, assertion: str) -> str:
         return hashlib.sha256(f"{self._scope}\0{assertion}".encode()).hexdigest()
-
-    def _entry(self, key: str) -> _Entry:
-        entry = self._entries.get(key)
-        if entry is None:
-            entry = self._entries[key] = _Entry()
-            while len(self._entries) > self._capacity:
-                self._entries.popitem(last=False)
-        else:
-            self._entries.move_to_end(key)
-        return entry
 
     async def token_for(self, headers: Mapping[str, str]) -> str:
         assertion = bearer_of(headers)
@@ -121,31 +153,62 @@ class OnBehalfOfAuthorizer:
                 retryable=False,
                 status=401,
             )
-        entry = self._entry(self._key(assertion))
-        if entry.fresh(time.time()):
-            assert entry.token is not None
+        key = self._key(assertion)
+        entry = self._entries.get(key)
+        if entry is not None and entry.fresh(time.time()):
+            # validated when it was exchanged, and an entry never outlives the caller's token
+            self._entries.move_to_end(key)
             return entry.token.token
-        return (await self._exchange(entry, assertion)).token
+        return (await self._exchange(key, assertion, after_rejection=False)).token
 
-    async def token_after_rejection(self, headers: Mapping[str, str], rejected: str) -> str:
+    async def token_after_rejection(self, headers: Mapping[str, str], rejected: str) -> str | None:
+        """The upstream said 401 to `rejected`: a newer token to replay with, or None when there is none to be
+        had now (answer the caller with the upstream's rejection). At most one exchange per held token is
+        triggered by a rejection; a freshly exchanged token rejected too means no such exchange for this
+        caller for REJECTION_BACKOFF."""
         assertion = bearer_of(headers)
         if assertion is None:  # pragma: no cover - token_for already refused this request
-            raise IdentityError("no user token", code="MissingUserToken", retryable=False, status=401)
-        entry = self._entry(self._key(assertion))
-        if entry.token is not None and entry.token.token != rejected:
-            return entry.token.token
-        return (await self._exchange(entry, assertion)).token
+            return None
+        key = self._key(assertion)
+        entry = self._entries.get(key)
+        if entry is not None and key not in self._pending:
+            now = time.monotonic()
+            if entry.token.token != rejected:
+                if entry.fresh(time.time()):
+                    return entry.token.token  # someone already replaced the rejected token
+            elif entry.after_rejection:
+                if entry.quiet_until == 0.0:
+                    entry.quiet_until = now + REJECTION_BACKOFF
+                    log.info(
+                        "the upstream rejected a freshly exchanged token too; no new exchange for this caller "
+                        "for %.0f s",
+                        REJECTION_BACKOFF,
+                    )
+                if now < entry.quiet_until:
+                    return None
+        return (await self._exchange(key, assertion, after_rejection=True)).token
 
-    async def _exchange(self, entry: _Entry, assertion: str) -> AccessToken:
-        if entry.inflight is None:
-            entry.inflight = asyncio.get_running_loop().create_future()
-            asyncio.create_task(self._fetch_into(entry, assertion, entry.inflight)).add_done_callback(_consume)
-        return await asyncio.shield(entry.inflight)
+    async def _exchange(self, key: str, assertion: str, *, after_rejection: bool) -> AccessToken:
+        pending = self._pending.get(key)
+        if pending is None:
+            failed = self._failures.get(key)
+            if failed is not None:
+                if time.monotonic() < failed[0]:
+                    raise failed[1]
+                del self._failures[key]
+            pending = self._pending[key] = _Pending(asyncio.get_running_loop().create_future())
+            pending.task = asyncio.create_task(self._fetch_into(key, assertion, pending))
+            pending.task.add_done_callback(_consume)
+        if after_rejection:
+            pending.after_rejection = True  # whatever this exchange brings counts as the rejection's re-exchange
+        return await asyncio.shield(pending.future)
 
-    async def _fetch_into(self, entry: _Entry, assertion: str, future: asyncio.Future[AccessToken]) -> None:
-        started = time.monotonic()
+    async def _fetch_into(self, key: str, assertion: str, pending: _Pending) -> None:
         issued_at = time.time()
+        started: float | None = None  # set once the identity provider is asked
         try:
+            claims = await self._validator.claims(assertion)
+            started = time.monotonic()
             requested_at, result = await _msal.call_msal(self._acquire, assertion)
             self.exchanges += 1
             if "access_token" not in result:
@@ -158,21 +221,43 @@ class OnBehalfOfAuthorizer:
         except Exception as exc:
             # every waiter must get an answer: an error msal raises (a 5xx from the IdP) is an IdentityError too
             error = exc if isinstance(exc, IdentityError) else IdentityError(f"{type(exc).__name__}: {exc}")
-            self.last_error = error
-            self._observe("failure", started)
-            if not future.done():
-                future.set_exception(error)
+            if started is not None:
+                self._observe("failure", started)
+                if error.status != 401:
+                    self._exchange_error = error
+                    log.warning("on-behalf-of exchange failed: %s", error.one_line())
+            self._entries.pop(key, None)  # an entry past its refresh point is of no use to this caller now
+            self._remember_failure(key, error)
+            if not pending.future.done():
+                pending.future.set_exception(error)
         else:
-            self.last_error = None
-            entry.token = token
+            self._exchange_error = None
             # Never serve the caller's session longer than the caller's own token lasts: once that has
-            # expired the next request exchanges it again, and the IdP says AADSTS500133 (401 to the caller).
-            entry.refresh_due = min(refresh_at(token, self._margin, issued_at), _expiry_of(assertion))
+            # expired the next request is validated again, and refused.
+            refresh_due = min(refresh_at(token, self._margin, issued_at), float(claims["exp"]))
+            self._store(key, _Entry(token, refresh_due, pending.after_rejection))
+            assert started is not None
             self._observe("success", started)
-            if not future.done():
-                future.set_result(token)
+            if not pending.future.done():
+                pending.future.set_result(token)
         finally:
-            entry.inflight = None
+            if self._pending.get(key) is pending:
+                del self._pending[key]
+
+    def _store(self, key: str, entry: _Entry) -> None:
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._capacity:
+            self._entries.popitem(last=False)
+
+    def _remember_failure(self, key: str, error: IdentityError) -> None:
+        now = time.monotonic()
+        failures = self._failures
+        failures[key] = (now + FAILURE_TTL, error)
+        failures.move_to_end(key)
+        # one TTL for all, so the oldest are first: drop the expired ones, then any beyond capacity
+        while failures and (len(failures) > FAILURE_CAPACITY or next(iter(failures.values()))[0] <= now):
+            failures.popitem(last=False)
 
     def _acquire(self, assertion: str) -> tuple[float, dict[str, Any]]:
         app = self._app.get()
@@ -200,12 +285,6 @@ class OnBehalfOfAuthorizer:
     def _observe(self, outcome: str, started: float) -> None:
         if self._observer is not None:
             self._observer(self.flow, outcome, time.monotonic() - started)
-
-
-def _expiry_of(assertion: str) -> float:
-    """The caller's token's exp claim (unverified: the IdP verifies it; this only bounds our cache)."""
-    exp = unverified_claims(assertion).get("exp")
-    return float(exp) if isinstance(exp, int | float) else float("inf")
 
 
 def _consume(task: asyncio.Task[None]) -> None:

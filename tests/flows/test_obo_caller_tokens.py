@@ -1,0 +1,360 @@
+"""on_behalf_of checks the caller's token before it spends an identity-provider call on it: a bad token gets 401
+with its reason, costs no exchange, takes no cache slot and never makes the pod unready."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from flow_support import API_VERSION, chat, obo_config, sdk, until
+from harness import StartSidecar, merge
+
+from sidecar.config import Settings
+from sidecar.emulators import Stack
+from sidecar.emulators.entra import GRANT_JWT_BEARER
+from sidecar.emulators.tls import TestCA
+from sidecar.tokens import on_behalf_of
+from sidecar.tokens.base import IdentityError
+from sidecar.tokens.caller_token import CallerTokenValidator
+from sidecar.tokens.claims import unverified_claims
+from sidecar.tokens.on_behalf_of import OnBehalfOfAuthorizer
+
+CHAT_PATH = f"/openai/deployments/gpt-4o-mini/chat/completions?api-version={API_VERSION}"
+OTHER_TENANT = "0f0e0d0c-0b0a-4909-8807-060504030201"
+
+
+def exchanges(stack: Stack) -> int:
+    return stack.entra.requests_by_grant[GRANT_JWT_BEARER]
+
+
+def user_token(stack: Stack, username: str, audience: str | None = None, **kwargs: Any) -> str:
+    """What a front end sends: the user's token for the sidecar's API (by default aud = api://<client id>)."""
+    stack.entra.register_user(username)
+    return stack.entra.issue_user_token(
+        username, client_id="chat-frontend", audience=audience or f"api://{stack.client_id}", **kwargs
+    )
+
+
+class Forger:
+    """Bad caller tokens of every kind, each one distinct; `reason` is what the 401 must say about it."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.template = unverified_claims(user_token(stack, "mallory@contoso.example", lifetime=3600))
+        self.tenant_kid = next(iter(stack.entra.public_keys))
+        self.other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+    def claims(self, **changes: Any) -> dict[str, Any]:
+        claims = {**self.template, "uti": uuid.uuid4().hex, **changes}
+        return {name: value for name, value in claims.items() if value is not None}
+
+    def kinds(self) -> list[tuple[str, Callable[[int], str]]]:
+        stack, now = self.stack, int(time.time())
+        return [
+            ("is not a JWT", lambda i: f"junk-{i}"),
+            ("is not a JWT", lambda i: f"not.a-jwt.{i}"),
+            ("audience 'api://sidecar-demo-api' is not this", lambda i: user_token(stack, f"u{i}@x", stack.audience)),
+            ("has expired", lambda i: user_token(stack, f"u{i}@x", expired=True)),
+            (
+                "signature does not verify against the tenant's keys",  # the tenant's kid, another key
+                lambda i: jwt.encode(self.claims(), self.other_key, "RS256", headers={"kid": self.tenant_kid}),
+            ),
+            (
+                "signature does not verify against the tenant's keys",  # a kid the tenant does not publish
+                lambda i: jwt.encode(self.claims(), self.other_key, "RS256", headers={"kid": f"kid-{i}"}),
+            ),
+            (
+                "issuer 'https://",  # signed by the tenant's key, but another tenant's issuer
+                lambda i: stack.entra.sign(
+                    self.claims(iss=stack.entra.issuer.replace(stack.tenant_id, OTHER_TENANT), tid=OTHER_TENANT)
+                ),
+            ),
+            ("signed with alg 'none'", lambda i: jwt.encode(self.claims(), None, algorithm="none")),
+            ("is not valid yet", lambda i: stack.entra.sign(self.claims(nbf=now + 3600, iat=now + 3600))),
+            ("has no 'exp' claim", lambda i: stack.entra.sign(self.claims(exp=None))),
+        ]
+
+    def flood(self, per_kind: int) -> list[tuple[str, str]]:
+        """(token, expected reason), kinds interleaved."""
+        return [(make(i), reason) for i in range(per_kind) for reason, make in self.kinds()]
+
+
+async def post_chat(http: aiohttp.ClientSession, url: str, token: str) -> tuple[int, dict[str, str], dict[str, Any]]:
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"Authorization": f"Bearer {token}"}
+    async with http.post(url + CHAT_PATH, json=body, headers=headers) as response:
+        return response.status, dict(response.headers), await response.json()
+
+
+async def readyz(http: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, Any]]:
+    async with http.get(url + "/readyz") as response:
+        return response.status, await response.json()
+
+
+async def test_a_flood_of_bad_caller_tokens_gets_401s_and_costs_no_exchange(
+    stack: Stack, run_sidecar: StartSidecar
+) -> None:
+    sidecar = await run_sidecar(obo_config(stack))
+    flood = Forger(stack).flood(per_kind=21)
+    assert len(flood) >= 200
+    async with aiohttp.ClientSession() as http:
+        for start in range(0, len(flood), 30):  # 30 at once, and readiness between the bursts
+            batch = flood[start : start + 30]
+            answers = await asyncio.gather(*(post_chat(http, sidecar.url, token) for token, _ in batch))
+            for (token, reason), (status, headers, body) in zip(batch, answers, strict=True):
+                assert status == 401, body
+                error = body["error"]
+                assert error["code"] == "InvalidUserToken"
+                assert reason in error["message"], (reason, error["message"])
+                assert "\n" not in error["message"] and token not in error["message"]
+                assert headers["x-should-retry"] == "false"
+            assert (await readyz(http, sidecar.url))[0] == 200
+    assert exchanges(stack) == 0
+    assert stack.upstream.requests == []
+
+    # the same sidecar still serves a good caller
+    oid = stack.entra.register_user("alice@contoso.example")
+    async with sdk(sidecar.url, azure_ad_token=user_token(stack, "alice@contoso.example", lifetime=3600)) as client:
+        assert f"oid={oid}" in await chat(client)
+    assert exchanges(stack) == 1
+
+
+async def test_bad_tokens_take_no_cache_slot_from_good_users(stack: Stack, run_sidecar: StartSidecar) -> None:
+    sidecar = await run_sidecar(merge(obo_config(stack), {"auth": {"obo_cache_size": 2}}))
+    users = {name: stack.entra.register_user(name) for name in ("alice@contoso.example", "bob@contoso.example")}
+    clients = {name: sdk(sidecar.url, azure_ad_token=user_token(stack, name, lifetime=3600)) for name in users}
+    for name, oid in users.items():
+        assert f"oid={oid}" in await chat(clients[name])
+    assert exchanges(stack) == 2
+
+    forger = Forger(stack)
+    # the kinds that pass a quick look (a JWT, RS256, a kid): on the way in they could have taken a slot each
+    flood = [(t, r) for t, r in forger.flood(per_kind=5) if not r.startswith(("is not a JWT", "signed with"))]
+    async with aiohttp.ClientSession() as http:
+        for token, reason in flood:
+            status, _, body = await post_chat(http, sidecar.url, token)
+            assert status == 401 and reason in body["error"]["message"]
+
+    # both good users are still cached: no exchange for either (capacity 2, 40 bad tokens in between)
+    for name, oid in users.items():
+        assert f"oid={oid}" in await chat(clients[name])
+    assert exchanges(stack) == 2
+    for client in clients.values():
+        await client.close()
+
+
+async def test_an_identity_provider_refusal_is_the_callers_and_takes_no_cache_slot(
+    stack: Stack, run_sidecar: StartSidecar
+) -> None:
+    """A token that passes the sidecar's checks but that the identity provider refuses (an app-only token:
+    on-behalf-of needs a user) is that caller's 401: it neither evicts a user nor makes the pod unready."""
+    sidecar = await run_sidecar(merge(obo_config(stack), {"auth": {"obo_cache_size": 1}}))
+    oid = stack.entra.register_user("alice@contoso.example")
+    alice = sdk(sidecar.url, azure_ad_token=user_token(stack, "alice@contoso.example", lifetime=3600))
+    assert f"oid={oid}" in await chat(alice)
+    app_token, _ = stack.entra.mint_app_token(client_id="a-daemon", oid=str(uuid.uuid4()), audience=stack.client_id)
+    async with aiohttp.ClientSession() as http:
+        answers = await asyncio.gather(*(post_chat(http, sidecar.url, app_token) for _ in range(20)))
+        answers += [await post_chat(http, sidecar.url, app_token) for _ in range(10)]
+        for status, headers, body in answers:
+            assert status == 401
+            assert body["error"]["code"] == "AADSTS70000" and "not a delegated" in body["error"]["message"]
+            assert headers["x-should-retry"] == "false"
+        assert exchanges(stack) == 2  # alice's, and one for the 30 requests with the refused token
+        assert (await readyz(http, sidecar.url))[0] == 200
+    assert f"oid={oid}" in await chat(alice)  # still cached, though the cache holds one user
+    assert exchanges(stack) == 2
+    await alice.close()
+
+
+async def test_failures_are_remembered_briefly_and_boundedly(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(The authorizer's own memory, seen from its object: msal throttles repeated refusals at the identity
+    provider too, so the emulator's counters cannot show it.)"""
+    monkeypatch.setattr(on_behalf_of, "FAILURE_CAPACITY", 16)
+    monkeypatch.setattr(on_behalf_of, "FAILURE_TTL", 0.5)
+    settings = Settings(**obo_config(stack))  # type: ignore[arg-type]
+    authorizer = OnBehalfOfAuthorizer.from_settings(settings)
+
+    async def refusal(token: str) -> BaseException:
+        with pytest.raises(IdentityError) as caught:
+            await authorizer.token_for({"Authorization": f"Bearer {token}"})
+        assert caught.value.status == 401
+        return caught.value
+
+    try:
+        first = await refusal("junk-0")
+        assert await refusal("junk-0") is first  # the same answer, not worked out again
+        for i in range(1, 100):
+            await refusal(f"junk-{i}")
+        assert len(authorizer._failures) <= 16
+        remembered_at = time.monotonic()
+        latest = await refusal("junk-99")
+        assert await refusal("junk-0") is not first  # forgotten: beyond capacity
+        await until(lambda: time.monotonic() - remembered_at > 0.5, what="the memory to lapse")
+        assert await refusal("junk-99") is not latest
+    finally:
+        await authorizer.aclose()
+
+
+async def test_readiness_is_the_sidecars_own_credential_never_a_callers_token(
+    stack: Stack, run_sidecar: StartSidecar
+) -> None:
+    sidecar = await run_sidecar(merge(obo_config(stack), {"auth": {"client_secret": "not-the-secret"}}))
+    async with aiohttp.ClientSession() as http:
+        # bad callers, with a broken sidecar credential: their tokens never reach the identity provider
+        for token, _ in Forger(stack).flood(per_kind=2):
+            assert (await post_chat(http, sidecar.url, token))[0] == 401
+        assert exchanges(stack) == 0
+        assert (await readyz(http, sidecar.url))[0] == 200
+        # a good caller: the exchange shows the sidecar's own credential is wrong, which is the pod's problem
+        status, _, body = await post_chat(http, sidecar.url, user_token(stack, "alice@contoso.example"))
+        assert status == 503 and "invalid_client" in body["error"]["message"]
+        ready_status, ready = await readyz(http, sidecar.url)
+        assert ready_status == 503 and "invalid_client" in ready["reason"]
+
+
+async def test_tokens_for_the_app_id_uri_and_api_uri_are_accepted(stack: Stack, run_sidecar: StartSidecar) -> None:
+    app_id_uri = "https://contoso.example/chat-api"
+    stack.entra.register_client(stack.client_id, secret=stack.client_secret, identifier_uris=[app_id_uri])
+    sidecar = await run_sidecar(merge(obo_config(stack), {"auth": {"app_id_uri": app_id_uri}}))
+    audiences = [f"api://{stack.client_id}", stack.client_id, app_id_uri]
+    for n, audience in enumerate(audiences, start=1):
+        oid = stack.entra.register_user(f"user{n}@contoso.example")
+        token = user_token(stack, f"user{n}@contoso.example", audience=audience, lifetime=3600)
+        async with sdk(sidecar.url, azure_ad_token=token) as client:
+            assert f"oid={oid}" in await chat(client), audience
+    assert exchanges(stack) == 3
+
+    async with aiohttp.ClientSession() as http:
+        other = user_token(stack, "user1@contoso.example", audience="https://contoso.example/other-api")
+        status, _, body = await post_chat(http, sidecar.url, other)
+    assert status == 401
+    assert body["error"]["message"] == (
+        "InvalidUserToken: the caller's token's audience 'https://contoso.example/other-api' is not this API "
+        f"(expected one of '{stack.client_id}', 'api://{stack.client_id}', '{app_id_uri}')"
+    )
+    assert exchanges(stack) == 3
+
+
+async def test_unknown_kids_refetch_the_keys_at_most_once_a_minute(stack: Stack, run_sidecar: StartSidecar) -> None:
+    sidecar = await run_sidecar(obo_config(stack))
+    await until(lambda: stack.entra.jwks_requests >= 1, what="the keys fetched at start")
+    fetched = stack.entra.jwks_requests
+    forger = Forger(stack)
+    tokens = [jwt.encode(forger.claims(), forger.other_key, "RS256", headers={"kid": f"k{i}"}) for i in range(60)]
+    async with aiohttp.ClientSession() as http:
+        answers = await asyncio.gather(*(post_chat(http, sidecar.url, token) for token in tokens[:30]))
+        answers += [await post_chat(http, sidecar.url, token) for token in tokens[30:]]
+    for status, _, body in answers:
+        assert status == 401 and "signature does not verify" in body["error"]["message"]
+    # 60 unknown kids, and the keys were fetched moments ago: no refetch (at most one a minute; the next test
+    # shows the refetch once the interval has passed)
+    assert stack.entra.jwks_requests == fetched
+    assert exchanges(stack) == 0
+    oid = stack.entra.register_user("alice@contoso.example")
+    async with sdk(sidecar.url, azure_ad_token=user_token(stack, "alice@contoso.example")) as client:
+        assert f"oid={oid}" in await chat(client)
+    assert stack.entra.jwks_requests == fetched
+
+
+async def test_the_refetch_interval_is_a_rate_not_a_ban(stack: Stack) -> None:
+    """After the interval an unknown kid refetches the keys again (once), as a rotated key needs."""
+    settings = Settings(**obo_config(stack))  # type: ignore[arg-type]
+    validator = CallerTokenValidator(settings.auth, settings.tls, refetch_interval=1.0)
+    forger = Forger(stack)
+
+    def unknown_kid() -> str:
+        return jwt.encode(forger.claims(), forger.other_key, "RS256", headers={"kid": uuid.uuid4().hex})
+
+    async def refused() -> None:
+        with pytest.raises(Exception, match="signature does not verify") as caught:
+            await validator.claims(unknown_kid())
+        assert getattr(caught.value, "status", None) == 401
+
+    try:
+        good = user_token(stack, "alice@contoso.example")
+        assert (await validator.claims(good))["oid"] == unverified_claims(good)["oid"]
+        assert stack.entra.jwks_requests == 1
+        started = time.monotonic()
+        for _ in range(10):
+            await refused()
+        assert stack.entra.jwks_requests == 1  # the first fetch was just now: within the interval
+        while stack.entra.jwks_requests == 1:
+            assert time.monotonic() - started < 20, "no refetch after the interval"
+            await refused()
+            await asyncio.sleep(0.05)
+        assert time.monotonic() - started >= 1.0
+        for _ in range(10):
+            await refused()
+        assert stack.entra.jwks_requests == 2
+    finally:
+        await validator.aclose()
+
+
+async def test_ca_bundle_wins_for_the_keys_and_unreachable_keys_are_the_sidecars_503(
+    stack: Stack, run_sidecar: StartSidecar, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other_ca = TestCA.create(tmp_path / "other-ca").ca_pem_path
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE"):
+        monkeypatch.setenv(name, str(other_ca))  # a corporate laptop's bundle, which does not sign the IdP
+    oid = stack.entra.register_user("alice@contoso.example")
+    token = user_token(stack, "alice@contoso.example")
+
+    pinned = await run_sidecar(obo_config(stack))  # tls.ca_bundle = the emulators' CA
+    async with sdk(pinned.url, azure_ad_token=token) as client:
+        assert f"oid={oid}" in await chat(client)
+    await pinned.aclose()
+
+    config = obo_config(stack)
+    del config["tls"]  # the environment's bundle only: the tenant's keys cannot be fetched
+    unpinned = await run_sidecar(config)
+    async with aiohttp.ClientSession() as http:
+        status, headers, body = await post_chat(http, unpinned.url, token)
+        assert status == 503, body
+        assert "signing keys" in body["error"]["message"] and "tls.ca_bundle" in body["error"]["message"]
+        assert headers["x-should-retry"] == "true"
+        ready_status, ready = await readyz(http, unpinned.url)
+        assert ready_status == 503 and "signing keys" in ready["reason"]
+    assert exchanges(stack) == 1  # only the pinned sidecar's
+
+
+async def test_a_rejected_fresh_token_is_not_exchanged_again(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The upstream's 401 triggers at most one re-exchange per held token; when the freshly exchanged token is
+    rejected too, the answer is None (relay the upstream's 401), with no exchange for a while."""
+    monkeypatch.setattr(on_behalf_of, "REJECTION_BACKOFF", 1.0)
+    settings = Settings(**obo_config(stack))  # type: ignore[arg-type]
+    authorizer = OnBehalfOfAuthorizer.from_settings(settings)
+    await authorizer.start()
+    try:
+        headers = {"Authorization": f"Bearer {user_token(stack, 'alice@contoso.example', lifetime=3600)}"}
+        first = await authorizer.token_for(headers)
+        assert exchanges(stack) == 1
+        # ten requests rejected at once: one re-exchange
+        fresh = await asyncio.gather(*(authorizer.token_after_rejection(headers, first) for _ in range(10)))
+        assert len(set(fresh)) == 1 and fresh[0] != first
+        assert exchanges(stack) == 2
+        assert await authorizer.token_after_rejection(headers, first) == fresh[0]  # a late one: already replaced
+        # the fresh token rejected too: no new token, no exchange, and the caller is still served the fresh one
+        rejected_at = time.monotonic()
+        assert await authorizer.token_after_rejection(headers, fresh[0]) is None
+        assert await authorizer.token_after_rejection(headers, fresh[0]) is None
+        assert await authorizer.token_for(headers) == fresh[0]
+        assert exchanges(stack) == 2
+        assert authorizer.is_ready()
+        # after the backoff, one more re-exchange
+        await until(lambda: time.monotonic() - rejected_at > 1.0, what="the backoff to pass")
+        again = await authorizer.token_after_rejection(headers, fresh[0])
+        assert again is not None and again != fresh[0]
+        assert exchanges(stack) == 3
+        assert await authorizer.token_after_rejection(headers, again) is None
+        assert exchanges(stack) == 3
+    finally:
+        await authorizer.aclose()
