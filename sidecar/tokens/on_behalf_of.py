@@ -39,6 +39,10 @@ FAILURE_CAPACITY = 4096
 # A user whose freshly exchanged token the upstream rejected too gets no exchange triggered by a rejection
 # for this long: the upstream refuses that user (a role, a policy), and exchanging again will not change it.
 REJECTION_BACKOFF = 30.0
+# After a failure of the sidecar's own credential, readiness is proven again in the background from this
+# delay, doubling up to RECOVERY_MAX_DELAY: an unready pod gets no traffic, so it cannot wait for a caller.
+RECOVERY_FIRST_DELAY = 5.0
+RECOVERY_MAX_DELAY = 60.0
 
 
 class _NoCache(msal.TokenCache):
@@ -105,6 +109,7 @@ class OnBehalfOfAuthorizer:
         self._observer = observer
         self.exchanges = 0  # identity-provider calls made, for `sidecar check` and tests
         self._exchange_error: IdentityError | None = None  # the sidecar's own, never a caller's
+        self._recovery: asyncio.Task[None] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OnBehalfOfAuthorizer:
@@ -117,6 +122,8 @@ class OnBehalfOfAuthorizer:
         await self._validator.start()
 
     async def aclose(self) -> None:
+        if self._recovery is not None:
+            self._recovery.cancel()
         for pending in self._pending.values():
             if not pending.future.done():
                 pending.future.cancel()
@@ -224,8 +231,8 @@ class OnBehalfOfAuthorizer:
             if started is not None:
                 self._observe("failure", started)
                 if error.status != 401:
-                    self._exchange_error = error
                     log.warning("on-behalf-of exchange failed: %s", error.one_line())
+                    self._own_failure(error)
             self._entries.pop(key, None)  # an entry past its refresh point is of no use to this caller now
             self._remember_failure(key, error)
             if not pending.future.done():
@@ -243,6 +250,28 @@ class OnBehalfOfAuthorizer:
         finally:
             if self._pending.get(key) is pending:
                 del self._pending[key]
+
+    def _own_failure(self, error: IdentityError) -> None:
+        self._exchange_error = error
+        if self._recovery is None or self._recovery.done():
+            self._recovery = asyncio.create_task(self._recover(), name="on-behalf-of-readiness")
+
+    async def _recover(self) -> None:
+        """Prove the sidecar's credential again with an app-only token (one identity-provider call per
+        attempt, backing off) until it works or a caller's exchange succeeds: then the pod is ready again."""
+        delay = RECOVERY_FIRST_DELAY
+        while self._exchange_error is not None:
+            await asyncio.sleep(delay)
+            if self._exchange_error is None:
+                return
+            try:
+                await self.verify_client()
+            except IdentityError as exc:
+                log.info("on-behalf-of credential still failing: %s", exc.one_line())
+                delay = min(delay * 2, RECOVERY_MAX_DELAY)
+            else:
+                log.info("on-behalf-of credential works again; ready")
+                self._exchange_error = None
 
     def _store(self, key: str, entry: _Entry) -> None:
         self._entries[key] = entry

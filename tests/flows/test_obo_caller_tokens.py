@@ -221,6 +221,29 @@ async def test_readiness_is_the_sidecars_own_credential_never_a_callers_token(
         assert ready_status == 503 and "invalid_client" in ready["reason"]
 
 
+async def test_readiness_comes_back_without_traffic_once_the_credential_works(
+    stack: Stack, run_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unready pod gets no traffic, so no caller's exchange can make it ready again: the sidecar proves its
+    own credential in the background, backing off (one identity-provider call per attempt)."""
+    monkeypatch.setattr(on_behalf_of, "RECOVERY_FIRST_DELAY", 0.3)
+    stack.entra.set_client_secret(stack.client_id, "rotated-secret")  # the configured one is stale for now
+    sidecar = await run_sidecar(obo_config(stack))
+    async with aiohttp.ClientSession() as http:
+        status, _, _ = await post_chat(http, sidecar.url, user_token(stack, "alice@contoso.example"))
+        assert status == 503
+        assert (await readyz(http, sidecar.url))[0] == 503
+        await asyncio.sleep(1.0)  # a few probes fail meanwhile, each backing off further
+        failing_probes = stack.entra.requests_by_grant["client_credentials"]
+        assert 1 <= failing_probes <= 3
+        stack.entra.set_client_secret(stack.client_id, stack.client_secret)  # the operator fixes the secret
+        await until(lambda: stack.entra.requests_by_grant["client_credentials"] > failing_probes, what="a probe")
+        deadline = asyncio.get_running_loop().time() + 10
+        while (await readyz(http, sidecar.url))[0] != 200:
+            assert asyncio.get_running_loop().time() < deadline, "readiness never came back"
+            await asyncio.sleep(0.1)
+
+
 async def test_tokens_for_the_app_id_uri_and_api_uri_are_accepted(stack: Stack, run_sidecar: StartSidecar) -> None:
     app_id_uri = "https://contoso.example/chat-api"
     stack.entra.register_client(stack.client_id, secret=stack.client_secret, identifier_uris=[app_id_uri])
