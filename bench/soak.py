@@ -14,7 +14,7 @@ fails when:
   - the sidecar's RSS at the end is more than --rss-limit-mb above its RSS after the warm-up;
   - its open descriptors do not come back: with the callers gone, everything but the pooled upstream
     connections must be at or below the count after the warm-up (callers gone too, pool warm), and once
-    the pool's keep-alive (30 s) has closed the idle upstream connections, the total must be at or below
+    the pool's keep-alive has closed the idle upstream connections (30-60 s), the total must be at or below
     that baseline minus its upstream connections;
   - it took longer than --time-limit, a scripted fault was never used, the identity provider was called more
     than once (the token outlives the run), or the sidecar did not stop cleanly.
