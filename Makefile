@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench container-test validate clean
+.PHONY: demo test lint bench soak container-test validate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ bench: $(STAMP)
 	  $$as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  $$as_root env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq wrk nginx >/dev/null; }
 	$(PY) bench/run.py
+
+# A few minutes of mixed, faulty load on one `sidecar serve`; fails on unexpected answers, RSS growth or
+# descriptors that do not come back (bench/soak.py). Loopback only; not part of `make test`.
+soak: $(STAMP)
+	$(PY) bench/soak.py
 
 validate: $(STAMP)
 	scripts/validate-artefacts.sh

@@ -2,7 +2,8 @@
 
 Prints one JSON line once both listen (ports, CA, a token minted for the direct variant). Then it answers
 lines on stdin: `stats` (the identity provider's token-request count), `streams <delay> <events>` (the shape
-of the next SSE streams), `reset` (drop the recorded requests, collect garbage); it stops on EOF or SIGTERM.
+of the next SSE streams), `reset` (drop the recorded requests, collect garbage), `script <JSON list>` (queue
+one-shot upstream faults, see `scripted`); it stops on EOF or SIGTERM.
 The direct variant's token is minted outside the token endpoint, so the count is the sidecar's alone.
 """
 
@@ -16,10 +17,23 @@ import json
 import signal
 import sys
 import tempfile
+from typing import Any
 
 from yarl import URL
 
-from sidecar.emulators import start_stack
+from sidecar.emulators import Scripted, start_stack
+
+# The Scripted constructors `script` may name; anything else is plain Scripted(**fields).
+PRESETS = {"rate_limited": Scripted.rate_limited, "stream_reset": Scripted.stream_reset}
+
+
+def scripted(fields: dict[str, Any]) -> Scripted:
+    """One `script` item: Scripted's fields as JSON (`body` as text), or `preset` and that constructor's."""
+    fields = dict(fields)
+    if "body" in fields:
+        fields["body"] = str(fields["body"]).encode()
+    preset = fields.pop("preset", None)
+    return PRESETS[preset](**fields) if preset else Scripted(**fields)
 
 
 async def _commands() -> asyncio.StreamReader:
@@ -53,6 +67,7 @@ async def run(args: argparse.Namespace) -> None:
                 "scope": stack.scope,
                 "ca_pem_path": str(stack.ca_pem_path),
                 "upstream_port": URL(stack.upstream_url).port,
+                "upstream_url": stack.upstream_url,
                 "direct_token": token,
             }
             gc.collect()
@@ -81,10 +96,15 @@ async def run(args: argparse.Namespace) -> None:
                     stack.upstream.stream_events.clear()
                     gc.collect()
                     print(json.dumps({"reset": True}), flush=True)
+                elif words[:1] == [b"script"]:  # script <JSON list of faults>, matched by path
+                    stack.upstream.script(*(scripted(item) for item in json.loads(line.split(None, 1)[1])))
+                    print(json.dumps({"pending_script": len(stack.upstream.pending_script)}), flush=True)
                 elif line.strip() == b"stats":
                     stats = {
                         "token_requests": stack.entra.token_requests,
                         "upstream_requests": len(stack.upstream.requests),
+                        "streams_closed_early": stack.upstream.streams_closed_early,
+                        "pending_script": len(stack.upstream.pending_script),
                     }
                     stack.upstream.requests.clear()  # the bench's many requests must not pile up here
                     print(json.dumps(stats), flush=True)
