@@ -19,7 +19,7 @@ import tempfile
 
 from yarl import URL
 
-from sidecar.emulators import start_stack
+from sidecar_emulators import start_stack
 
 
 async def _commands() -> asyncio.StreamReader:

@@ -369,10 +369,10 @@ docker run --rm --network=none --read-only --entrypoint sh "$IMAGE" -c '
     leftovers=$(find /opt/sidecar /var/lib/sidecar \( -name "*.whl" -o -path "*/pip/http*" -o -name .git -o -name "*.egg-info" \) -print)
     test -z "$leftovers" || fail "build leftovers: $leftovers"
     sidecar --help >/dev/null || fail "sidecar --help failed"
-    python -c "import openai, sidecar.emulators" || fail "openai or sidecar.emulators does not import"
+    python -c "import openai, sidecar_emulators" || fail "openai or sidecar_emulators does not import"
     test "$(id -u)" != 0 || fail "runs as root"
 ' || die "image content check failed (see the line above)"
-log "ok: image holds only the venv; sidecar --help, openai and sidecar.emulators import; runs as UID $(docker run --rm --network=none --entrypoint id "$IMAGE" -u)"
+log "ok: image holds only the venv; sidecar --help, openai and sidecar_emulators import; runs as UID $(docker run --rm --network=none --entrypoint id "$IMAGE" -u)"
 
 size=$(docker image inspect -f '{{.Size}}' "$IMAGE")
 base_size=$(docker image inspect -f '{{.Size}}' "$BASE_IMAGE_TAG")
@@ -391,7 +391,7 @@ docker volume create ct-emulator-ca >/dev/null
 
 log "starting the emulators container"
 docker run -d --name ct-emulators "${hardening[@]}" --no-healthcheck -v ct-emulator-ca:/var/lib/sidecar \
-    --entrypoint python "$IMAGE" -m sidecar.emulators \
+    --entrypoint python "$IMAGE" -m sidecar_emulators \
     --host=127.0.0.1 --public-host=emulators --entra-port=8443 --upstream-port=8081 \
     --managed-identity-port=-1 --ca-path=/var/lib/sidecar/ca.pem \
     --client-id=demo-client --client-secret=demo-client-secret-not-a-real-secret \

@@ -126,7 +126,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from sidecar.demo import run_demo
+    from sidecar_emulators.demo import run_demo
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return _run(run_demo(chunk_delay=args.chunk_delay))

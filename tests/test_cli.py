@@ -9,8 +9,8 @@ from pathlib import Path
 import aiohttp
 from harness import config_for, run_cli, start_serve, stop_serve, write_config
 
-from sidecar.emulators import Stack
 from sidecar.tokens.claims import unverified_claims
+from sidecar_emulators import Stack
 
 
 async def test_check_prints_claims_never_the_token(stack: Stack, tmp_path: Path) -> None:

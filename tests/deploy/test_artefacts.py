@@ -310,7 +310,7 @@ def test_compose_offline_stack_wiring(compose: list[str]) -> None:
     assert "build" in services["sidecar"]
 
     emulators, sidecar, app = services["emulators"], services["sidecar"], services["example-app"]
-    assert emulators["entrypoint"] == ["python", "-m", "sidecar.emulators"]
+    assert emulators["entrypoint"] == ["python", "-m", "sidecar_emulators"]
     assert emulators["environment"]["EMULATORS_PUBLIC_HOST"] == "emulators", "the TLS cert must name the service"
     assert sidecar["command"] == ["serve"]
     env = sidecar["environment"]

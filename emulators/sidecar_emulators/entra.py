@@ -22,12 +22,12 @@ from urllib.parse import urlencode, urlsplit
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from sidecar.emulators import aadsts
-from sidecar.emulators._server import AppServer, Emulator, drop_connection
-from sidecar.emulators.aadsts import EntraError
-from sidecar.emulators.entra_client_auth import FEDERATED_AUDIENCE, ClientAuthenticator
-from sidecar.emulators.entra_directory import Directory, FederatedCredential
-from sidecar.emulators.entra_grants import (
+from sidecar_emulators import aadsts
+from sidecar_emulators._server import AppServer, Emulator, drop_connection
+from sidecar_emulators.aadsts import EntraError
+from sidecar_emulators.entra_client_auth import FEDERATED_AUDIENCE, ClientAuthenticator
+from sidecar_emulators.entra_directory import Directory, FederatedCredential
+from sidecar_emulators.entra_grants import (
     GRANT_AUTHORIZATION_CODE,
     GRANT_CLIENT_CREDENTIALS,
     GRANT_DEVICE_CODE,
@@ -35,10 +35,10 @@ from sidecar.emulators.entra_grants import (
     GRANT_REFRESH_TOKEN,
     GrantHandler,
 )
-from sidecar.emulators.entra_scopes import parse_scope
-from sidecar.emulators.entra_tokens import TokenMinter, client_info
-from sidecar.emulators.keys import SigningKey
-from sidecar.emulators.tls import TestCA
+from sidecar_emulators.entra_scopes import parse_scope
+from sidecar_emulators.entra_tokens import TokenMinter, client_info
+from sidecar_emulators.keys import SigningKey
+from sidecar_emulators.tls import TestCA
 
 __all__ = [
     "DEFAULT_TENANT_ID",

@@ -3,13 +3,13 @@
 The real msal and azure-identity libraries talk to these over HTTP(S); nothing is monkeypatched.
 """
 
-from sidecar.emulators.aadsts import EntraError
-from sidecar.emulators.entra import DEFAULT_TENANT_ID, EntraEmulator
-from sidecar.emulators.managed_identity import ManagedIdentity, ManagedIdentityEmulator
-from sidecar.emulators.stack import DEMO_AUDIENCE, DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, Stack, start_stack
-from sidecar.emulators.tls import TestCA
-from sidecar.emulators.upstream import UpstreamEmulator
-from sidecar.emulators.upstream_script import RecordedRequest, Scripted
+from sidecar_emulators.aadsts import EntraError
+from sidecar_emulators.entra import DEFAULT_TENANT_ID, EntraEmulator
+from sidecar_emulators.managed_identity import ManagedIdentity, ManagedIdentityEmulator
+from sidecar_emulators.stack import DEMO_AUDIENCE, DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, Stack, start_stack
+from sidecar_emulators.tls import TestCA
+from sidecar_emulators.upstream import UpstreamEmulator
+from sidecar_emulators.upstream_script import RecordedRequest, Scripted
 
 __all__ = [
     "DEFAULT_TENANT_ID",
