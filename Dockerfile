@@ -1,6 +1,7 @@
 # sidecar: a local reverse proxy that adds Entra ID bearer tokens to Azure OpenAI requests.
 #
-#   docker build -t sidecar:dev .
+#   docker build -t sidecar:dev .                         # the production image (the default, last stage)
+#   docker build --target dev -t sidecar-dev:dev .        # + the emulators and openai (compose dev stack)
 #   docker run --rm -p 127.0.0.1:8080:8080 -e SIDECAR_LISTEN__HOST=0.0.0.0 ... sidecar:dev
 #
 # Runtime contract of this image (docs/deploy.md has the details):
@@ -11,9 +12,15 @@
 #     a Kubernetes sidecar shares the pod's loopback and keeps 127.0.0.1);
 #   * SIGTERM drains for SIDECAR_SHUTDOWN_GRACE seconds and exits 0.
 #
+# Dependencies come from requirements.lock (pinned, hash-checked; `make lock` regenerates it), never from a
+# fresh resolution: two builds of one commit install the same files. The production image holds the proxy
+# and its dependencies only: no emulators, no openai, no trustme, no pip.
+#
 # BASE_IMAGE may be any Debian-like image whose `python` is CPython >= 3.11 with venv and pip
-# (scripts/container-test.sh builds with a debootstrapped stand-in). Both stages must use the same
-# base so the venv's interpreter path is valid in the final stage.
+# (scripts/container-test.sh builds with a debootstrapped stand-in). All stages must use the same
+# base so the venv's interpreter path is valid in the final stages.
+# SIDECAR_VERSION goes into the org.opencontainers.image.version label; the build fails when it is set
+# and is not the version of the package it builds (sidecar/__init__.py is the one place it is written).
 ARG BASE_IMAGE=python:3.11-slim
 
 # ---------------------------------------------------------------------------------------------
@@ -26,26 +33,54 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /src
 
-# Dependencies first, from pyproject.toml alone, so that a code change does not reinstall them.
-COPY pyproject.toml ./
+# Dependencies first, from the lock alone, so that a code change does not reinstall them.
+COPY requirements.lock ./
 RUN python -m venv /opt/sidecar \
- && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt \
- && /opt/sidecar/bin/pip install --no-cache-dir -r /tmp/requirements.txt
+ && /opt/sidecar/bin/pip install --no-cache-dir --require-hashes -r requirements.lock
 
-# Then the project itself (the README is optional for the build; .dockerignore keeps the rest out).
-COPY pyproject.toml README.m[d] LICENS[E] ./
+# Then the project itself, without resolving anything (.dockerignore keeps the rest of the tree out).
+# `pip check` fails the build when pyproject.toml asks for something the lock does not hold.
+COPY pyproject.toml README.md LICENSE ./
 COPY sidecar ./sidecar
+ARG SIDECAR_VERSION=""
 RUN /opt/sidecar/bin/pip install --no-cache-dir --no-deps . \
- && /opt/sidecar/bin/sidecar --help > /dev/null \
+ && /opt/sidecar/bin/pip check \
+ && built=$(/opt/sidecar/bin/sidecar --version) \
+ && { [ -z "${SIDECAR_VERSION}" ] || [ "${built}" = "sidecar ${SIDECAR_VERSION}" ] \
+      || { echo "SIDECAR_VERSION=${SIDECAR_VERSION} but the package is ${built}" >&2; exit 1; }; }
+
+# ---------------------------------------------------------------------------------------------
+# The production venv: the builder's, less the installers.
+FROM builder AS runtime-venv
+RUN /opt/sidecar/bin/pip uninstall --yes pip setuptools wheel \
+ && rm -rf /opt/sidecar/share
+
+# ---------------------------------------------------------------------------------------------
+# The dev venv: the production one plus the emulators distribution (emulators/) and what it needs
+# (openai, trustme), from its own hashed lock. Only the compose dev stack and container tests use it.
+FROM builder AS dev-venv
+COPY emulators/requirements.lock ./emulators/
+RUN /opt/sidecar/bin/pip install --no-cache-dir --require-hashes -r emulators/requirements.lock
+COPY emulators ./emulators
+RUN /opt/sidecar/bin/pip install --no-cache-dir --no-deps ./emulators \
+ && /opt/sidecar/bin/pip check \
+ && /opt/sidecar/bin/python -m sidecar_emulators --help > /dev/null \
  && /opt/sidecar/bin/pip uninstall --yes pip setuptools wheel \
  && rm -rf /opt/sidecar/share
 
 # ---------------------------------------------------------------------------------------------
-FROM ${BASE_IMAGE} AS runtime
+# What both images share: the non-root user, the writable home, the labels.
+FROM ${BASE_IMAGE} AS runtime-base
 
 ARG SIDECAR_UID=10001
 ARG SIDECAR_GID=10001
+ARG SIDECAR_VERSION=""
+
+LABEL org.opencontainers.image.title="entra-token-sidecar" \
+      org.opencontainers.image.description="A local reverse proxy that attaches Entra ID bearer tokens to Azure OpenAI requests" \
+      org.opencontainers.image.version="${SIDECAR_VERSION}" \
+      org.opencontainers.image.licenses="MIT" \
+      org.opencontainers.image.vendor="the sidecar authors"
 
 # HOME and XDG_CACHE_HOME point at the one directory the sidecar writes (token cache); it is the
 # path that needs a writable mount when the root filesystem is read-only.
@@ -60,10 +95,28 @@ RUN groupadd --system --gid "${SIDECAR_GID}" sidecar \
         --no-create-home --shell /usr/sbin/nologin sidecar \
  && install -d -o "${SIDECAR_UID}" -g "${SIDECAR_GID}" -m 0750 /var/lib/sidecar
 
-COPY --from=builder /opt/sidecar /opt/sidecar
-
 USER 10001:10001
 WORKDIR /var/lib/sidecar
+
+# ---------------------------------------------------------------------------------------------
+# The dev image (--target dev): `python -m sidecar_emulators` by default; compose also runs its example
+# app (an openai SDK program) on it. Never deployed.
+FROM runtime-base AS dev
+
+LABEL org.opencontainers.image.title="entra-token-sidecar-dev" \
+      org.opencontainers.image.description="entra-token-sidecar plus its offline emulators and the openai SDK, for the compose dev stack"
+
+COPY --from=dev-venv /opt/sidecar /opt/sidecar
+
+ENTRYPOINT ["python", "-m", "sidecar_emulators"]
+CMD []
+
+# ---------------------------------------------------------------------------------------------
+# The production image: the default target, so it must stay the last stage.
+FROM runtime-base AS runtime
+
+COPY --from=runtime-venv /opt/sidecar /opt/sidecar
+
 EXPOSE 8080
 
 # Liveness only (/healthz): the venv's python, no curl/wget. Proxies from the environment are ignored;

@@ -4,18 +4,19 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench soak container-test validate clean
+.PHONY: demo test lint bench soak container-test validate lock clean
 
-$(STAMP): pyproject.toml
+# Two distributions, one venv: the proxy (with the dev tools) and the emulators + demo (emulators/).
+$(STAMP): pyproject.toml emulators/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev]' -e ./emulators
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/sidecar demo
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check sidecar tests bench
+	$(VENV)/bin/ruff check sidecar emulators tests bench
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # wrk and nginx come from apt when missing (as root, or through sudo); RUNLEVEL=1 keeps the package's own
@@ -41,8 +42,20 @@ container-test: $(STAMP)
 	scripts/container-test.sh
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check sidecar tests bench
-	$(VENV)/bin/ruff format --check sidecar tests bench
+	$(VENV)/bin/ruff check sidecar emulators tests bench
+	$(VENV)/bin/ruff format --check sidecar emulators tests bench
+
+# The pinned, hashed dependency sets the image installs (Dockerfile): requirements.lock for the proxy,
+# emulators/requirements.lock for the dev image's emulators and example app (the proxy's pins plus what the
+# emulators add; the local distributions themselves stay out and are installed with --no-deps).
+# Run after changing a dependency in either pyproject.toml; `make lock LOCK_FLAGS=--upgrade` moves every pin.
+LOCK_FLAGS ?=
+PIP_COMPILE := $(VENV)/bin/pip-compile --quiet --generate-hashes --strip-extras --no-emit-index-url \
+	--no-emit-find-links --no-emit-trusted-host $(LOCK_FLAGS)
+lock: $(STAMP)
+	$(PIP_COMPILE) --allow-unsafe --output-file requirements.lock pyproject.toml
+	$(PIP_COMPILE) --unsafe-package entra-token-sidecar --unsafe-package entra-token-sidecar-emulators \
+	  --output-file emulators/requirements.lock emulators/requirements.in
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info emulators/build emulators/*.egg-info

@@ -21,7 +21,7 @@ from typing import Any
 
 from yarl import URL
 
-from sidecar.emulators import Scripted, start_stack
+from sidecar_emulators import Scripted, start_stack
 
 # The Scripted constructors `script` may name; anything else is plain Scripted(**fields).
 PRESETS = {"rate_limited": Scripted.rate_limited, "stream_reset": Scripted.stream_reset}

@@ -8,9 +8,12 @@
 #   1. a stand-in for python:3.11-slim is debootstrapped from Debian packages (cached in .container-test/),
 #      with the host's CA bundle and pip settings so pip inside the build reaches PyPI, and imported;
 #   2. a private dockerd (no bridge, no iptables) is started in a temporary directory;
-#   3. the Dockerfile is built on the stand-in (--network=host), its metadata checked;
-#   4. emulators + sidecar run as containers (host network, read-only root, no capabilities): the sidecar
-#      must run as non-root, turn healthy, answer a proxied request with 200 and exit 0 on SIGTERM;
+#   3. the Dockerfile's two images are built on the stand-in (--network=host): the production image (the
+#      default target; it must hold no emulators, openai or trustme) and the dev image (--target dev: plus
+#      the emulators and openai, for the compose dev stack); their metadata and contents are checked;
+#   4. emulators (dev image) + sidecar (production image) run as containers (host network, read-only root,
+#      no capabilities): the sidecar must run as non-root, turn healthy, answer a proxied request with 200
+#      and exit 0 on SIGTERM;
 #   5. the compose stack (with compose/ci.override.yml: host network) comes up and the example app exits 0.
 # Everything it started is stopped in an EXIT trap (the engine by its PID). Any failure exits non-zero
 # with a message; nothing is skipped. Needs root (debootstrap, dockerd).
@@ -25,6 +28,7 @@ SUITE=${CONTAINER_TEST_SUITE:-bookworm}
 BASE_PACKAGES=python3,python3-venv,python3-pip,ca-certificates
 BASE_IMAGE_TAG=sidecar-base:local
 IMAGE=sidecar:container-test
+DEV_IMAGE=sidecar-dev:container-test
 PROJECT=sidecar-ct
 START=$(date +%s)
 
@@ -341,12 +345,22 @@ build_args=(--build-arg "BASE_IMAGE=$BASE_IMAGE_TAG")
 for proxy_var in http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY; do
     [[ -n ${!proxy_var:-} ]] && build_args+=(--build-arg "$proxy_var")
 done
-log "docker build (the project's Dockerfile on $BASE_IMAGE_TAG, --network=host)"
+VERSION=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' "$ROOT/sidecar/__init__.py")
+[[ -n $VERSION ]] || die "no __version__ in sidecar/__init__.py"
+build_args+=(--build-arg "SIDECAR_VERSION=$VERSION")
+log "docker build (the project's Dockerfile on $BASE_IMAGE_TAG, --network=host): production image, version $VERSION"
 docker build --network=host --pull=false "${build_args[@]}" -t "$IMAGE" "$ROOT" >"$WORK/build.log" 2>&1 || {
     tail -n 40 "$WORK/build.log" >&2
     die "docker build failed"
 }
-log "ok: image built"
+log "ok: production image built"
+log "docker build --target dev (the production venv plus the emulators and openai)"
+docker build --network=host --pull=false "${build_args[@]}" --target dev -t "$DEV_IMAGE" "$ROOT" \
+    >"$WORK/build-dev.log" 2>&1 || {
+    tail -n 40 "$WORK/build-dev.log" >&2
+    die "docker build --target dev failed"
+}
+log "ok: dev image built"
 
 user=$(docker image inspect -f '{{.Config.User}}' "$IMAGE")
 uid=${user%%:*}
@@ -359,6 +373,15 @@ if docker image inspect -f '{{range .Config.Env}}{{println .}}{{end}}' "$IMAGE" 
     die "the image must not set SIDECAR_LISTEN__HOST (compose/Kubernetes choose the listen address)"
 fi
 log "ok: USER $user, ENTRYPOINT sidecar, CMD serve, HEALTHCHECK /healthz, listen address left to the deployment"
+for image in "$IMAGE" "$DEV_IMAGE"; do
+    label() { docker image inspect -f "{{index .Config.Labels \"org.opencontainers.image.$1\"}}" "$image"; }
+    [[ $(label version) == "$VERSION" ]] || die "$image: label org.opencontainers.image.version is '$(label version)', not $VERSION"
+    [[ $(label licenses) == MIT ]] || die "$image: label org.opencontainers.image.licenses is not MIT"
+    for key in title description vendor; do
+        [[ -n $(label "$key") ]] || die "$image: no org.opencontainers.image.$key label"
+    done
+done
+log "ok: OCI labels on both images (version $VERSION, licenses MIT, title $(docker image inspect -f '{{index .Config.Labels "org.opencontainers.image.title"}}' "$IMAGE"))"
 
 # Nothing but the venv: no sources, tests, pip caches, and no pip in the venv.
 docker run --rm --network=none --read-only --entrypoint sh "$IMAGE" -c '
@@ -369,14 +392,28 @@ docker run --rm --network=none --read-only --entrypoint sh "$IMAGE" -c '
     leftovers=$(find /opt/sidecar /var/lib/sidecar \( -name "*.whl" -o -path "*/pip/http*" -o -name .git -o -name "*.egg-info" \) -print)
     test -z "$leftovers" || fail "build leftovers: $leftovers"
     sidecar --help >/dev/null || fail "sidecar --help failed"
-    python -c "import openai, sidecar.emulators" || fail "openai or sidecar.emulators does not import"
+    for module in sidecar_emulators openai trustme; do
+        ! python -c "import $module" 2>/dev/null || fail "$module is in the production image"
+    done
+    demo_err=$(sidecar demo 2>&1 >/dev/null); demo_code=$?
+    test "$demo_code" = 2 || fail "sidecar demo exited $demo_code without the emulators, expected 2"
+    test "$(printf "%s\n" "$demo_err" | wc -l)" = 1 || fail "sidecar demo said more than one line: $demo_err"
     test "$(id -u)" != 0 || fail "runs as root"
 ' || die "image content check failed (see the line above)"
-log "ok: image holds only the venv; sidecar --help, openai and sidecar.emulators import; runs as UID $(docker run --rm --network=none --entrypoint id "$IMAGE" -u)"
+log "ok: image holds only the venv, no emulators/openai/trustme; sidecar --help; sidecar demo says how to get the emulators; runs as UID $(docker run --rm --network=none --entrypoint id "$IMAGE" -u)"
+docker run --rm --network=none --read-only --entrypoint sh "$DEV_IMAGE" -c '
+    fail() { echo "dev image content: $*" >&2; exit 1; }
+    test ! -e /opt/sidecar/bin/pip || fail "pip is left in the venv"
+    python -c "import openai, sidecar_emulators, sidecar" || fail "openai, sidecar_emulators or sidecar does not import"
+    python -m sidecar_emulators --help >/dev/null || fail "python -m sidecar_emulators --help failed"
+    test "$(id -u)" != 0 || fail "runs as root"
+' || die "dev image content check failed (see the line above)"
+log "ok: dev image: openai, sidecar_emulators and sidecar import; non-root"
 
 size=$(docker image inspect -f '{{.Size}}' "$IMAGE")
+dev_size=$(docker image inspect -f '{{.Size}}' "$DEV_IMAGE")
 base_size=$(docker image inspect -f '{{.Size}}' "$BASE_IMAGE_TAG")
-IMAGE_SIZE_REPORT="image $IMAGE: $((size / 1000000)) MB in all, $(((size - base_size) / 1000000)) MB on top of the base (stand-in base: $((base_size / 1000000)) MB)"
+IMAGE_SIZE_REPORT="image $IMAGE: $((size / 1000000)) MB in all, $(((size - base_size) / 1000000)) MB on top of the base (stand-in base: $((base_size / 1000000)) MB); dev image $DEV_IMAGE: $((dev_size / 1000000)) MB in all, $(((dev_size - base_size) / 1000000)) MB on top of the base"
 log "$IMAGE_SIZE_REPORT"
 
 # ------------------------------------------------------------------------------------------ 4. single containers
@@ -389,9 +426,9 @@ for port in 8080 8081 8443; do
 done
 docker volume create ct-emulator-ca >/dev/null
 
-log "starting the emulators container"
+log "starting the emulators container (dev image)"
 docker run -d --name ct-emulators "${hardening[@]}" --no-healthcheck -v ct-emulator-ca:/var/lib/sidecar \
-    --entrypoint python "$IMAGE" -m sidecar.emulators \
+    --entrypoint python "$DEV_IMAGE" -m sidecar_emulators \
     --host=127.0.0.1 --public-host=emulators --entra-port=8443 --upstream-port=8081 \
     --managed-identity-port=-1 --ca-path=/var/lib/sidecar/ca.pem \
     --client-id=demo-client --client-secret=demo-client-secret-not-a-real-secret \
@@ -455,7 +492,7 @@ docker volume rm ct-emulator-ca >/dev/null
 
 # ------------------------------------------------------------------------------------------ 5. compose stack
 log "docker compose up (docker-compose.yml + compose/ci.override.yml), until the example app exits"
-export SIDECAR_IMAGE=$IMAGE
+export SIDECAR_IMAGE=$IMAGE SIDECAR_DEV_IMAGE=$DEV_IMAGE
 "${COMPOSE[@]}" config -q || die "docker compose config failed"
 set +e
 timeout 300 "${COMPOSE[@]}" up --no-build --pull never --exit-code-from example-app >"$WORK/compose.log" 2>&1

@@ -15,6 +15,7 @@ from sidecar.config import ConfigError, Settings, load_config, read_secret_file
 from sidecar.tokens.base import IdentityError
 
 EXIT_OK, EXIT_TOKEN, EXIT_CONFIG = 0, 1, 2
+DEMO_NEEDS_EMULATORS = "the demo needs the emulators: pip install ./emulators (or run `make demo` from a checkout)"
 T = TypeVar("T")
 
 
@@ -126,7 +127,13 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from sidecar.demo import run_demo
+    try:
+        from sidecar_emulators.demo import run_demo
+    except ModuleNotFoundError as exc:
+        # The emulators are a distribution of their own (emulators/), kept out of production installs.
+        missing = "" if exc.name == "sidecar_emulators" else f" (missing module: {exc.name})"
+        print(f"sidecar: {DEMO_NEEDS_EMULATORS}{missing}", file=sys.stderr)
+        return EXIT_CONFIG
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return _run(run_demo(chunk_delay=args.chunk_delay))
@@ -199,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         command(name, function, help_text).add_argument(
             "--config", help="YAML config file (default: $SIDECAR_CONFIG; every key can also come from env)"
         )
-    demo = command("demo", cmd_demo, "run an offline demo against the built-in emulators")
+    demo = command("demo", cmd_demo, "run an offline demo against local emulators (needs the emulators distribution)")
     demo.add_argument("--chunk-delay", type=float, default=0.15, help="seconds between streamed chunks")
     login = command("login", cmd_login, "sign in as a user (device code, or --browser) and save the token cache")
     login.add_argument("--browser", action="store_true", help="sign in through the system browser (interactive)")

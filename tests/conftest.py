@@ -15,9 +15,9 @@ import pytest
 from harness import _WATCH, FAST_RETRY, LogWatch, StartSidecar, config_for, wait_ready
 
 from sidecar.config import Settings
-from sidecar.emulators import Stack, start_stack
 from sidecar.server import RunningSidecar, start
 from sidecar.tokens.manager import RetryPolicy
+from sidecar_emulators import Stack, start_stack
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -19,9 +19,9 @@ import aiohttp
 import yaml
 
 from sidecar.app import AUTHORIZER
-from sidecar.emulators import Stack
 from sidecar.server import RunningSidecar
 from sidecar.tokens.manager import RetryPolicy
+from sidecar_emulators import Stack
 
 FAST_RETRY = RetryPolicy(first_delay=0.1, max_delay=0.5)
 JWT = re.compile(r"eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]*")

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 from harness import config_for, run_cli, start_serve, stop_serve, write_config
 
-from sidecar.emulators import Stack
 from sidecar.tokens.claims import unverified_claims
+from sidecar_emulators import Stack
 
 
 async def test_check_prints_claims_never_the_token(stack: Stack, tmp_path: Path) -> None:
@@ -70,3 +72,21 @@ async def test_demo_exits_0() -> None:
     assert code == 0, out + err
     assert "demo passed" in out
     assert "requests carrying an api-key: 0" in out
+
+
+@pytest.mark.parametrize("absent", ["sidecar_emulators", "openai"])
+async def test_demo_without_the_emulators_says_in_one_line_how_to_get_them(absent: str) -> None:
+    # None in sys.modules is Python's own "no such module": the import raises ModuleNotFoundError exactly
+    # as in a production install, where the emulators distribution (or one of its dependencies) is absent.
+    program = f"import sys; sys.modules[{absent!r}] = None; from sidecar.cli import main; sys.exit(main(['demo']))"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", program, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    err = stderr.decode()
+    assert process.returncode == 2
+    assert stdout == b""
+    assert err.count("\n") == 1, err
+    assert "Traceback" not in err
+    assert "the demo needs the emulators: pip install ./emulators" in err
+    assert ("missing module: openai" in err) == (absent == "openai")

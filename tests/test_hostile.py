@@ -17,9 +17,9 @@ from collections.abc import Callable
 import pytest
 from harness import JWT, StartSidecar, config_for, wait_ready
 
-from sidecar.emulators import Scripted, Stack
 from sidecar.server import RunningSidecar
 from sidecar.upstream import OffOrigin, Pool
+from sidecar_emulators import Scripted, Stack
 
 CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-06-01"
 BODY = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()

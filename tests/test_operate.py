@@ -12,8 +12,8 @@ import aiohttp
 from harness import _WATCH, StartSidecar, config_for, start_serve, stop_serve, wait_ready
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.emulators import Scripted, Stack
 from sidecar.server import RunningSidecar
+from sidecar_emulators import Scripted, Stack
 
 CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-06-01"
 STREAM_BODY = json.dumps({"stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()

@@ -16,8 +16,8 @@ from aiohttp import web
 from harness import StartSidecar, config_for, wait_ready
 from yarl import URL
 
-from sidecar.emulators import Scripted, Stack
 from sidecar.server import RunningSidecar
+from sidecar_emulators import Scripted, Stack
 
 CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-06-01"
 BODY = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()

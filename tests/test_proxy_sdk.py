@@ -12,9 +12,9 @@ import pytest
 from harness import StartSidecar, config_for
 from openai import AsyncAzureOpenAI, AzureOpenAI
 
-from sidecar.emulators import Scripted, Stack
 from sidecar.server import RunningSidecar
 from sidecar.tokens.claims import unverified_claims
+from sidecar_emulators import Scripted, Stack
 
 API_VERSION = "2024-06-01"
 AUDIO = bytes(range(256)) * 4096 + b"\x00tail\xff"  # 1 MiB + a few bytes, every byte value

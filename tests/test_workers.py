@@ -16,11 +16,11 @@ import yaml
 from harness import _WATCH, config_for, start_serve
 
 from sidecar.config import ConfigError, load_config
-from sidecar.emulators import Stack
 from sidecar.token_channel import ChannelAuthorizer, TokenBroker
 from sidecar.tokens.base import AccessToken, IdentityError
 from sidecar.tokens.claims import unverified_claims
 from sidecar.tokens.manager import RetryPolicy, TokenManager
+from sidecar_emulators import Stack
 
 CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-06-01"
 BODY = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()

@@ -166,10 +166,30 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return out
 
 
+def stages() -> dict[str, tuple[str, list[tuple[str, str]]]]:
+    """Stage name -> (what it is FROM, its instructions)."""
+    out: dict[str, tuple[str, list[tuple[str, str]]]] = {}
+    current: list[tuple[str, str]] = []
+    for keyword, rest in dockerfile_instructions():
+        if keyword == "FROM":
+            parent, _, name = rest.partition(" AS ")
+            current = []
+            out[name.strip()] = (parent.strip(), current)
+        elif out:
+            current.append((keyword, rest))
+    return out
+
+
+def image_instructions(target: str) -> list[tuple[str, str]]:
+    """Everything that shapes the image of one target: its stage and the stages it is built FROM."""
+    all_stages = stages()
+    parent, own = all_stages[target]
+    return (image_instructions(parent) if parent in all_stages else []) + own
+
+
 def final_stage() -> list[tuple[str, str]]:
-    instructions = dockerfile_instructions()
-    last_from = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
-    return instructions[last_from:]
+    """The production image (the Dockerfile's default target, its last stage) with the stages it builds on."""
+    return image_instructions(list(stages())[-1])
 
 
 def test_hadolint_passes(hadolint: str) -> None:
@@ -179,10 +199,32 @@ def test_hadolint_passes(hadolint: str) -> None:
 def test_dockerfile_is_multi_stage_on_a_slim_python_base() -> None:
     instructions = dockerfile_instructions()
     assert instructions[0] == ("ARG", "BASE_IMAGE=python:3.11-slim")
-    froms = [rest for keyword, rest in instructions if keyword == "FROM"]
-    assert froms == ["${BASE_IMAGE} AS builder", "${BASE_IMAGE} AS runtime"]
+    assert list(stages())[-1] == "runtime", "the production image is the default target (the last stage)"
+    assert stages()["runtime"][0] == "runtime-base" and stages()["runtime-base"][0] == "${BASE_IMAGE}"
     copies = [rest for keyword, rest in final_stage() if keyword == "COPY"]
-    assert copies == ["--from=builder /opt/sidecar /opt/sidecar"], "the final stage copies only the venv"
+    assert copies == ["--from=runtime-venv /opt/sidecar /opt/sidecar"], "the final stage copies only the venv"
+
+
+def test_production_image_installs_the_hashed_lock_and_never_the_emulators() -> None:
+    runs = [rest for keyword, rest in image_instructions("runtime-venv") if keyword == "RUN"]
+    installs = [" ".join(command.split()) for run in runs for command in run.split("&&") if "pip install" in command]
+    assert installs == [
+        "/opt/sidecar/bin/pip install --no-cache-dir --require-hashes -r requirements.lock",
+        "/opt/sidecar/bin/pip install --no-cache-dir --no-deps .",
+    ], "dependencies come from the lock only; the project is installed without resolving anything"
+    shaping = " ".join(rest for _, rest in final_stage() + image_instructions("runtime-venv"))
+    assert "emulators" not in shaping and "openai" not in shaping
+    dev = " ".join(rest for _, rest in image_instructions("dev-venv"))
+    assert "--require-hashes -r emulators/requirements.lock" in dev and "--no-deps ./emulators" in dev
+
+
+def test_images_carry_oci_labels() -> None:
+    for target in ("runtime", "dev"):
+        labels = " ".join(rest for keyword, rest in image_instructions(target) if keyword == "LABEL")
+        for key in ("title", "description", "version", "licenses", "vendor"):
+            assert f"org.opencontainers.image.{key}=" in labels, (target, key)
+        assert 'org.opencontainers.image.licenses="MIT"' in labels
+        assert 'org.opencontainers.image.version="${SIDECAR_VERSION}"' in labels
 
 
 def test_dockerfile_runs_non_root_with_entrypoint_and_cmd() -> None:
@@ -243,7 +285,7 @@ def test_dockerignore_is_an_allow_list_that_keeps_tests_caches_and_secrets_out()
     ]
     assert lines[0] == "*", "start from deny-all"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "LICENSE", "sidecar"}
+    assert allowed == {"pyproject.toml", "README.md", "LICENSE", "requirements.lock", "sidecar", "emulators"}
     for excluded in (
         ".git",
         ".venv",
@@ -305,12 +347,13 @@ def test_compose_files_validate(compose: list[str], variant: str) -> None:
 def test_compose_offline_stack_wiring(compose: list[str]) -> None:
     services = compose_config(compose, "offline")["services"]
     assert set(services) == {"emulators", "sidecar", "example-app"}
-    images = {service["image"] for service in services.values()}
-    assert len(images) == 1, "one image for all three services"
-    assert "build" in services["sidecar"]
+    # The sidecar runs the production image; the emulators and the openai example app the dev image.
+    assert services["sidecar"]["build"]["target"] == "runtime"
+    assert services["example-app"]["build"]["target"] == "dev"
+    assert services["emulators"]["image"] == services["example-app"]["image"] != services["sidecar"]["image"]
 
     emulators, sidecar, app = services["emulators"], services["sidecar"], services["example-app"]
-    assert emulators["entrypoint"] == ["python", "-m", "sidecar.emulators"]
+    assert emulators["entrypoint"] == ["python", "-m", "sidecar_emulators"]
     assert emulators["environment"]["EMULATORS_PUBLIC_HOST"] == "emulators", "the TLS cert must name the service"
     assert sidecar["command"] == ["serve"]
     env = sidecar["environment"]

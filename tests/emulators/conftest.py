@@ -9,7 +9,7 @@ import pytest
 import requests
 from emu_support import CLIENT_ID, CLIENT_SECRET, DEMO_API
 
-from sidecar.emulators import EntraEmulator, ManagedIdentityEmulator, TestCA, UpstreamEmulator
+from sidecar_emulators import EntraEmulator, ManagedIdentityEmulator, TestCA, UpstreamEmulator
 
 
 @pytest.fixture

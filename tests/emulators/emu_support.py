@@ -6,7 +6,7 @@ from typing import Any
 
 import jwt
 
-from sidecar.emulators import EntraEmulator
+from sidecar_emulators import EntraEmulator
 
 DEMO_API = "api://sidecar-demo-api"
 DEMO_SCOPE = f"{DEMO_API}/.default"

@@ -18,7 +18,7 @@ from azure.identity.aio import (
 )
 from emu_support import CLIENT_ID, CLIENT_SECRET, DEMO_API, DEMO_SCOPE, verify
 
-from sidecar.emulators import EntraEmulator, ManagedIdentityEmulator, TestCA
+from sidecar_emulators import EntraEmulator, ManagedIdentityEmulator, TestCA
 
 AKS_ISSUER = "https://oidc.prod-aks.azure.com/00000000-0000-0000-0000-000000000000/"
 AKS_SUBJECT = "system:serviceaccount:sidecar:sidecar"

@@ -17,7 +17,7 @@ import pytest
 import requests
 from emu_support import CLIENT_ID, CLIENT_SECRET, DEMO_API, DEMO_SCOPE, verify
 
-from sidecar.emulators import EntraEmulator, TestCA
+from sidecar_emulators import EntraEmulator, TestCA
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning:msal"),

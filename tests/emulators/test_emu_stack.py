@@ -1,4 +1,4 @@
-"""start_stack() and ``python -m sidecar.emulators``: the demo wiring end to end."""
+"""start_stack() and ``python -m sidecar_emulators``: the demo wiring end to end."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import msal
 import openai
 import pytest
 
-from sidecar.emulators import DEMO_AUDIENCE, start_stack
+from sidecar_emulators import DEMO_AUDIENCE, start_stack
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,7 +52,7 @@ async def test_cli_prints_details_and_stops_on_sigterm(tmp_path: Path) -> None:
     ca_path = tmp_path / "shared" / "ca.pem"
     ca_path.parent.mkdir()
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sidecar.emulators",
+        sys.executable, "-m", "sidecar_emulators",
         "--host", "127.0.0.1", "--entra-port", "0", "--upstream-port", "0", "--managed-identity-port", "-1",
         "--ca-path", str(ca_path),
         stdout=asyncio.subprocess.PIPE,
@@ -80,7 +80,7 @@ async def test_cli_prints_details_and_stops_on_sigterm(tmp_path: Path) -> None:
 
 
 def test_cli_options_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sidecar.emulators.__main__ import parse_args
+    from sidecar_emulators.__main__ import parse_args
 
     monkeypatch.setenv("EMULATORS_HOST", "0.0.0.0")
     monkeypatch.setenv("EMULATORS_PUBLIC_HOST", "emulators")

@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from sidecar.emulators import EntraEmulator, TestCA
+from sidecar_emulators import EntraEmulator, TestCA
 
 
 def test_ca_pem_written(tmp_path: Path) -> None:

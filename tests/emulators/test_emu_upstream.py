@@ -14,8 +14,8 @@ import openai
 import pytest
 from emu_support import DEMO_API
 
-from sidecar.emulators import EntraEmulator, Scripted, UpstreamEmulator
-from sidecar.emulators.keys import SigningKey
+from sidecar_emulators import EntraEmulator, Scripted, UpstreamEmulator
+from sidecar_emulators.keys import SigningKey
 
 API_VERSION = "2024-10-21"
 CHAT = "/openai/deployments/gpt-4o-mini/chat/completions"

@@ -32,10 +32,10 @@ from aiohttp import web
 from harness import _WATCH, merge
 from openai import AsyncAzureOpenAI
 
-from sidecar.emulators import ManagedIdentityEmulator, Stack
-from sidecar.emulators.entra import GRANT_CLIENT_CREDENTIALS, GRANT_JWT_BEARER, GRANT_REFRESH_TOKEN
 from sidecar.tokens.tls import PinnedCASession
 from sidecar.tokens.token_cache import PersistentTokenCache
+from sidecar_emulators import ManagedIdentityEmulator, Stack
+from sidecar_emulators.entra import GRANT_CLIENT_CREDENTIALS, GRANT_JWT_BEARER, GRANT_REFRESH_TOKEN
 
 API_VERSION = "2024-06-01"
 AZ_CLI_CLIENT_ID = "04b07795-8ddb-461a-bbee-02f9e1bf7b46"  # the Azure CLI's own (public) client id

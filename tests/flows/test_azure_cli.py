@@ -15,7 +15,7 @@ from flow_support import (
     write_config,
 )
 
-from sidecar.emulators import Stack
+from sidecar_emulators import Stack
 
 USER = "cleo@contoso.example"
 

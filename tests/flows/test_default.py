@@ -19,7 +19,7 @@ from flow_support import (
 )
 from harness import StartSidecar
 
-from sidecar.emulators import Stack
+from sidecar_emulators import Stack
 
 
 async def test_on_a_developer_machine_it_is_the_azure_cli_user(

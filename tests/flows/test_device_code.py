@@ -24,8 +24,8 @@ from flow_support import (
 )
 from harness import LogWatch, StartSidecar, wait_ready
 
-from sidecar.emulators import Stack
-from sidecar.emulators.entra import GRANT_DEVICE_CODE, GRANT_REFRESH_TOKEN
+from sidecar_emulators import Stack
+from sidecar_emulators.entra import GRANT_DEVICE_CODE, GRANT_REFRESH_TOKEN
 
 CLIENT_ID = "sidecar-device-cli"
 USER = "dora@contoso.example"

@@ -25,7 +25,7 @@ from flow_support import (
 from harness import JWT, StartSidecar, merge
 
 from sidecar.app import AUTHORIZER, STATE
-from sidecar.emulators import Stack
+from sidecar_emulators import Stack
 
 
 @pytest.fixture

@@ -22,8 +22,8 @@ from flow_support import (
 from harness import StartSidecar, start_serve, stop_serve, wait_ready
 
 from sidecar.app import AUTHORIZER
-from sidecar.emulators import Stack
-from sidecar.emulators.entra import GRANT_AUTHORIZATION_CODE, GRANT_REFRESH_TOKEN
+from sidecar_emulators import Stack
+from sidecar_emulators.entra import GRANT_AUTHORIZATION_CODE, GRANT_REFRESH_TOKEN
 
 CLIENT_ID = "sidecar-desktop"
 USER = "ivan@contoso.example"

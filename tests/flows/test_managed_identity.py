@@ -10,10 +10,10 @@ from flow_support import chat, flow_config, sdk, use_env
 from harness import _WATCH, StartSidecar
 
 from sidecar.config import Settings
-from sidecar.emulators import ManagedIdentity, ManagedIdentityEmulator, Stack
 from sidecar.tokens import build_provider
 from sidecar.tokens.base import TokenProvider
 from sidecar.tokens.claims import unverified_claims
+from sidecar_emulators import ManagedIdentity, ManagedIdentityEmulator, Stack
 
 PROTOCOLS = ("app_service", "imds")
 

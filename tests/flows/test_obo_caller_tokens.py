@@ -18,14 +18,14 @@ from flow_support import API_VERSION, chat, obo_config, sdk, until
 from harness import StartSidecar, merge
 
 from sidecar.config import Settings
-from sidecar.emulators import Stack
-from sidecar.emulators.entra import GRANT_JWT_BEARER
-from sidecar.emulators.tls import TestCA
 from sidecar.tokens import on_behalf_of
 from sidecar.tokens.base import IdentityError
 from sidecar.tokens.caller_token import CallerTokenValidator
 from sidecar.tokens.claims import unverified_claims
 from sidecar.tokens.on_behalf_of import OnBehalfOfAuthorizer
+from sidecar_emulators import Stack
+from sidecar_emulators.entra import GRANT_JWT_BEARER
+from sidecar_emulators.tls import TestCA
 
 CHAT_PATH = f"/openai/deployments/gpt-4o-mini/chat/completions?api-version={API_VERSION}"
 OTHER_TENANT = "0f0e0d0c-0b0a-4909-8807-060504030201"

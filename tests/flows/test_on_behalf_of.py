@@ -11,10 +11,10 @@ import pytest
 from flow_support import chat, obo_config, sdk, until
 from harness import StartSidecar
 
-from sidecar.emulators import Stack
-from sidecar.emulators.entra import GRANT_JWT_BEARER
 from sidecar.server import RunningSidecar
 from sidecar.tokens.claims import unverified_claims
+from sidecar_emulators import Stack
+from sidecar_emulators.entra import GRANT_JWT_BEARER
 
 
 def caller_token(stack: Stack, username: str, **kwargs: Any) -> str:

@@ -21,8 +21,8 @@ from flow_support import (
 )
 from harness import StartSidecar, wait_ready
 
-from sidecar.emulators import Stack
-from sidecar.emulators.entra import GRANT_CLIENT_CREDENTIALS
+from sidecar_emulators import Stack
+from sidecar_emulators.entra import GRANT_CLIENT_CREDENTIALS
 
 CLIENT_ID = "aks-chat-app"
 

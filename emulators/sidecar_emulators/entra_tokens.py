@@ -10,8 +10,8 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sidecar.emulators.entra_directory import User
-from sidecar.emulators.keys import SigningKey, b64url
+from sidecar_emulators.entra_directory import User
+from sidecar_emulators.keys import SigningKey, b64url
 
 
 def _uti() -> str:

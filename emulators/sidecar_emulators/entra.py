@@ -1,33 +1,31 @@
-"""Entra ID (Azure AD v2.0 endpoint) emulator over HTTPS, for msal and azure-identity.
+"""Entra ID (Azure AD v2.0 endpoint) emulator over HTTPS, for msal and azure-identity: its state, test-facing
+controls and token endpoint (metadata endpoints: entra_discovery.py; user sign-in: entra_signin.py).
 
-Fault switches (``fail_mode``) affect the token endpoint only: discovery, JWKS, device-code
-and authorize keep working. That mirrors the outages clients actually meet (token issuance
-degraded while cached metadata and keys stay valid) and lets a client that is already
-configured exercise its retry/backoff path instead of failing at construction time.
+Fault switches (``fail_mode``) affect the token endpoint only, as the outages clients meet do (issuance degraded
+while cached metadata and keys stay valid): a configured client exercises its retry/backoff path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import html
-import json
 import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Literal, get_args
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from sidecar.emulators import aadsts
-from sidecar.emulators._server import AppServer, Emulator, drop_connection
-from sidecar.emulators.aadsts import EntraError
-from sidecar.emulators.entra_client_auth import FEDERATED_AUDIENCE, ClientAuthenticator
-from sidecar.emulators.entra_directory import Directory, FederatedCredential
-from sidecar.emulators.entra_grants import (
+from sidecar_emulators import aadsts
+from sidecar_emulators._server import AppServer, Emulator, drop_connection
+from sidecar_emulators.aadsts import EntraError
+from sidecar_emulators.entra_client_auth import FEDERATED_AUDIENCE, ClientAuthenticator
+from sidecar_emulators.entra_directory import Directory, FederatedCredential
+from sidecar_emulators.entra_discovery import check_tenant, instance_discovery, openid_configuration
+from sidecar_emulators.entra_grants import (
     GRANT_AUTHORIZATION_CODE,
     GRANT_CLIENT_CREDENTIALS,
     GRANT_DEVICE_CODE,
@@ -35,10 +33,10 @@ from sidecar.emulators.entra_grants import (
     GRANT_REFRESH_TOKEN,
     GrantHandler,
 )
-from sidecar.emulators.entra_scopes import parse_scope
-from sidecar.emulators.entra_tokens import TokenMinter, client_info
-from sidecar.emulators.keys import SigningKey
-from sidecar.emulators.tls import TestCA
+from sidecar_emulators.entra_signin import SignInEndpoints
+from sidecar_emulators.entra_tokens import TokenMinter
+from sidecar_emulators.keys import SigningKey
+from sidecar_emulators.tls import TestCA
 
 __all__ = [
     "DEFAULT_TENANT_ID",
@@ -53,12 +51,6 @@ __all__ = [
 
 DEFAULT_TENANT_ID = "8a5b7c3e-1f2d-4e6a-9b0c-5d4e3f2a1b0c"
 FailMode = Literal["500", "hang", "refuse"]
-# Tenant path segments accepted besides the tenant id (msal may be given either).
-_TENANT_ALIASES = ("organizations", "common")
-_AUTH_CODE_LIFETIME = 600.0
-_CLAIMS_SUPPORTED = (
-    "sub iss aud exp iat auth_time acr nonce preferred_username name tid ver at_hash c_hash email"
-).split()
 
 
 class EntraEmulator(Emulator):
@@ -347,87 +339,24 @@ class EntraEmulator(Emulator):
         app.router.add_get("/{tenant}/discovery/v2.0/keys", self._keys)
         app.router.add_get("/{tenant}/discovery/keys", self._keys)
         app.router.add_post("/{tenant}/oauth2/v2.0/token", self._token)
-        app.router.add_post("/{tenant}/oauth2/v2.0/devicecode", self._devicecode)
-        app.router.add_get("/{tenant}/oauth2/v2.0/authorize", self._authorize)
-        app.router.add_get("/devicelogin", self._devicelogin_page)
-        app.router.add_post("/devicelogin", self._devicelogin_submit)
+        SignInEndpoints(self).add_routes(app)
         return app
 
-    def _check_tenant(self, request: web.Request) -> str:
-        tenant = request.match_info["tenant"]
-        if tenant != self.tenant_id and tenant not in _TENANT_ALIASES:
-            raise web.HTTPBadRequest(
-                text=json.dumps(
-                    EntraError(
-                        "invalid_tenant",
-                        90002,
-                        f"Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID and "
-                        "are signing into the correct cloud.",
-                    ).body(request.headers.get("client-request-id"))
-                ),
-                content_type="application/json",
-            )
-        return tenant
-
     async def _openid_configuration(self, request: web.Request) -> web.Response:
-        tenant = self._check_tenant(request)
-        base = f"{self.url}/{tenant}"
-        # For multi-tenant segments Entra advertises a templated issuer, literally "{tenantid}".
-        issuer = self.issuer if tenant == self.tenant_id else f"{self.url}/{{tenantid}}/v2.0"
-        return web.json_response(
-            {
-                "token_endpoint": f"{base}/oauth2/v2.0/token",
-                "token_endpoint_auth_methods_supported": [
-                    "client_secret_post",
-                    "private_key_jwt",
-                    "client_secret_basic",
-                ],
-                "jwks_uri": f"{base}/discovery/v2.0/keys",
-                "response_modes_supported": ["query", "fragment", "form_post"],
-                "subject_types_supported": ["pairwise"],
-                "id_token_signing_alg_values_supported": ["RS256"],
-                "response_types_supported": ["code", "id_token", "code id_token", "id_token token"],
-                "scopes_supported": ["openid", "profile", "email", "offline_access"],
-                "issuer": issuer,
-                "request_uri_parameter_supported": False,
-                "userinfo_endpoint": "https://graph.microsoft.com/oidc/userinfo",
-                "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
-                "device_authorization_endpoint": f"{base}/oauth2/v2.0/devicecode",
-                "http_logout_supported": True,
-                "frontchannel_logout_supported": True,
-                "end_session_endpoint": f"{base}/oauth2/v2.0/logout",
-                "claims_supported": _CLAIMS_SUPPORTED,
-                "kerberos_endpoint": f"{base}/kerberos",
-                "tenant_region_scope": "EU",
-                "cloud_instance_name": "microsoftonline.com",
-                "cloud_graph_host_name": "graph.windows.net",
-                "msgraph_host": "graph.microsoft.com",
-                "rbac_url": "https://pas.windows.net",
-            }
-        )
+        tenant = check_tenant(request, self.tenant_id)
+        return web.json_response(openid_configuration(self.url, tenant, self.tenant_id))
 
     async def _instance_discovery(self, request: web.Request) -> web.Response:
-        # msal sends authorization_endpoint=https://{host without port}/{tenant}/oauth2/v2.0/authorize.
-        endpoint = request.query.get("authorization_endpoint", "")
-        parts = [p for p in urlsplit(endpoint).path.split("/") if p]
-        tenant = parts[0] if parts else "common"
-        host = urlsplit(self.url).netloc
-        return web.json_response(
-            {
-                "tenant_discovery_endpoint": f"{self.url}/{tenant}/v2.0/.well-known/openid-configuration",
-                "api-version": request.query.get("api-version", "1.1"),
-                "metadata": [{"preferred_network": host, "preferred_cache": host, "aliases": [host]}],
-            }
-        )
+        return web.json_response(instance_discovery(self.url, request))
 
     async def _keys(self, request: web.Request) -> web.Response:
         self.jwks_requests += 1
-        self._check_tenant(request)
+        check_tenant(request, self.tenant_id)
         return web.json_response(self.jwks)
 
     async def _token(self, request: web.Request) -> web.StreamResponse:
         self.token_requests += 1
-        self._check_tenant(request)
+        check_tenant(request, self.tenant_id)
         form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
         self.last_token_request_form = form
         self.requests_by_grant[form.get("grant_type", "")] += 1
@@ -458,11 +387,8 @@ class EntraEmulator(Emulator):
             await self._mode_changed.wait()  # "hang": park until the mode changes or we stop
 
     def _assertion_audiences(self, request: web.Request) -> set[str]:
-        """Token endpoint URLs a client assertion may be addressed to.
-
-        msal uses the token_endpoint from discovery; clients may reach us under another name
-        (container hostname), so the Host the request came in on counts too.
-        """
+        """Token endpoint URLs a client assertion may be addressed to: msal uses discovery's token_endpoint;
+        clients may reach us under another name (container hostname), so the request's Host counts too."""
         tenant = request.match_info["tenant"]
         bases = {self.url, f"https://{request.host}"}
         audiences = set()
@@ -471,131 +397,3 @@ class EntraEmulator(Emulator):
                 audiences.add(f"{base}/{segment}/oauth2/v2.0/token")
             audiences.add(f"{base}/{self.tenant_id}/v2.0")
         return audiences
-
-    async def _devicecode(self, request: web.Request) -> web.Response:
-        self._check_tenant(request)
-        form = await request.post()
-        client_id = str(form.get("client_id", ""))
-        scope = str(form.get("scope", ""))
-        try:
-            if not client_id:
-                raise aadsts.missing_parameter("client_id")
-            if client_id not in self.directory.clients:
-                raise aadsts.unknown_client(client_id, self.tenant_id)
-            scopes = parse_scope(scope)
-            if scopes.resource is not None and not self.knows_resource(scopes.resource):
-                raise aadsts.unknown_resource(scopes.resource, self.tenant_id)
-        except EntraError as exc:
-            return exc.response(request)
-        entry = self.directory.new_device_code(client_id, scope, self.device_code_lifetime)
-        self.device_flows_started += 1
-        verification_uri = f"{self.url}/devicelogin"
-        return web.json_response(
-            {
-                "user_code": entry.user_code,
-                "device_code": entry.device_code,
-                "verification_uri": verification_uri,
-                "expires_in": max(1, int(self.device_code_lifetime)),
-                "interval": self.device_code_interval,
-                "message": f"To sign in, use a web browser to open the page {verification_uri} and enter the "
-                f"code {entry.user_code} to authenticate.",
-            }
-        )
-
-    async def _authorize(self, request: web.Request) -> web.Response:
-        """Interactive sign-in without a page: signs ``interactive_user`` in straight away."""
-        self._check_tenant(request)
-        query = request.query
-        client = self.directory.clients.get(query.get("client_id", ""))
-        if client is None:
-            return _error_page(aadsts.unknown_client(query.get("client_id", ""), self.tenant_id))
-        redirect_uri = query.get("redirect_uri", "")
-        if not _redirect_allowed(redirect_uri, client.redirect_uris):
-            return _error_page(
-                EntraError(
-                    "invalid_request",
-                    50011,
-                    f"The redirect URI '{redirect_uri}' specified in the request does not match the redirect "
-                    f"URIs configured for the application '{client.client_id}'.",
-                )
-            )
-        response_mode = query.get("response_mode") or "query"
-        params: dict[str, str] = {}
-        try:
-            if query.get("response_type") != "code":
-                raise EntraError("unsupported_response_type", 700054, "response_type 'code' is required.")
-            scopes = parse_scope(query.get("scope"))
-            if scopes.resource is not None and not self.knows_resource(scopes.resource):
-                raise aadsts.unknown_resource(scopes.resource, self.tenant_id)
-            if self.interactive_user is None:
-                raise EntraError("login_required", 50058, "A silent sign-in request was sent but no user is signed in.")
-            user = self.directory.user(self.interactive_user)
-            entry = self.directory.new_auth_code(
-                client_id=client.client_id,
-                redirect_uri=redirect_uri,
-                scope=query.get("scope", ""),
-                username=user.username,
-                code_challenge=query.get("code_challenge"),
-                code_challenge_method=query.get("code_challenge_method"),
-                nonce=query.get("nonce"),
-                expires_at=time.time() + _AUTH_CODE_LIFETIME,
-            )
-            params["code"] = entry.code
-            if query.get("client_info") == "1":
-                params["client_info"] = client_info(user.oid, self.tenant_id)
-        except EntraError as exc:
-            body = exc.body()
-            params = {"error": body["error"], "error_description": body["error_description"]}
-        if "state" in query:
-            params["state"] = query["state"]
-        return _auth_response(redirect_uri, response_mode, params)
-
-    async def _devicelogin_page(self, request: web.Request) -> web.Response:
-        # A minimal page so the docker demo can approve a device code from a real browser.
-        return web.Response(
-            content_type="text/html",
-            text="<!doctype html><title>Emulated device login</title><form method=post>"
-            "<label>Code <input name=user_code></label> <label>User <input name=username></label>"
-            "<button>Sign in</button></form>",
-        )
-
-    async def _devicelogin_submit(self, request: web.Request) -> web.Response:
-        form = await request.post()
-        try:
-            self.approve_device_code(str(form.get("user_code", "")), str(form.get("username") or "user"))
-        except KeyError:
-            return web.Response(status=400, content_type="text/html", text="Unknown or expired code.")
-        return web.Response(content_type="text/html", text="Signed in. You may close this window.")
-
-
-def _redirect_allowed(redirect_uri: str, registered: Sequence[str]) -> bool:
-    if redirect_uri in registered:
-        return True
-    parts = urlsplit(redirect_uri)
-    # Entra lets native clients use any port on the loopback redirect URI.
-    return parts.scheme == "http" and parts.hostname in ("localhost", "127.0.0.1")
-
-
-def _auth_response(redirect_uri: str, response_mode: str, params: dict[str, str]) -> web.Response:
-    if response_mode == "form_post":
-        # msal's loopback listener only accepts form_post (msal/oauth2cli/authcode.py do_GET/do_POST);
-        # Entra answers it with a self-submitting form.
-        inputs = "".join(
-            f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}"/>' for k, v in params.items()
-        )
-        page = (
-            "<html><head><title>Working...</title></head><body>"
-            f'<form method="POST" name="hiddenform" action="{html.escape(redirect_uri)}">{inputs}'
-            '<noscript><p>Script is disabled. Click Submit to continue.</p><input type="submit" '
-            'value="Submit" /></noscript></form><script language="javascript">'
-            "document.forms[0].submit();</script></body></html>"
-        )
-        return web.Response(content_type="text/html", text=page)
-    separator = "#" if response_mode == "fragment" else ("&" if "?" in redirect_uri else "?")
-    raise web.HTTPFound(f"{redirect_uri}{separator}{urlencode(params)}")
-
-
-def _error_page(error: EntraError) -> web.Response:
-    body = error.body()
-    text = f"<html><body><h1>Sign in failed</h1><p>{html.escape(body['error_description'])}</p></body></html>"
-    return web.Response(status=400, content_type="text/html", text=text)

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sidecar.emulators.entra import DEFAULT_TENANT_ID, EntraEmulator
-from sidecar.emulators.managed_identity import ManagedIdentityEmulator
-from sidecar.emulators.tls import TestCA
-from sidecar.emulators.upstream import UpstreamEmulator
+from sidecar_emulators.entra import DEFAULT_TENANT_ID, EntraEmulator
+from sidecar_emulators.managed_identity import ManagedIdentityEmulator
+from sidecar_emulators.tls import TestCA
+from sidecar_emulators.upstream import UpstreamEmulator
 
 DEMO_CLIENT_ID = "sidecar-demo-client"
 DEMO_CLIENT_SECRET = "sidecar-demo-secret"  # an emulator credential, not a real one

@@ -14,8 +14,8 @@ import aiohttp
 from openai import AsyncAzureOpenAI
 
 from sidecar.config import Settings
-from sidecar.emulators import start_stack
 from sidecar.server import start
+from sidecar_emulators import start_stack
 
 API_VERSION = "2024-06-01"
 
@@ -49,7 +49,7 @@ async def run_demo(chunk_delay: float = 0.15) -> int:
 
 
 async def _drive(url: str, stack: object, settings: Settings) -> int:
-    from sidecar.emulators import Stack
+    from sidecar_emulators import Stack
 
     assert isinstance(stack, Stack)
     _say("sidecar demo — everything runs on loopback, offline")

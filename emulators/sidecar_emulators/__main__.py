@@ -1,4 +1,4 @@
-"""``python -m sidecar.emulators``: run Entra + upstream (+ managed identity) until SIGTERM.
+"""``python -m sidecar_emulators``: run Entra + upstream (+ managed identity) until SIGTERM.
 
 Prints one JSON line with the connection details on stdout once everything listens.
 Every option can also come from an ``EMULATORS_*`` environment variable (e.g. ``EMULATORS_HOST``).
@@ -16,7 +16,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from sidecar.emulators.stack import DEMO_AUDIENCE, DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, start_stack
+from sidecar_emulators.stack import DEMO_AUDIENCE, DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, start_stack
 
 
 def _env(name: str, default: str) -> str:
@@ -24,7 +24,7 @@ def _env(name: str, default: str) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m sidecar.emulators", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m sidecar_emulators", description=__doc__)
     parser.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="bind address (0.0.0.0 in containers)")
     parser.add_argument(
         "--public-host",

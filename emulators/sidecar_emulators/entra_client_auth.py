@@ -14,9 +14,9 @@ import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from sidecar.emulators import aadsts
-from sidecar.emulators.entra_directory import ClientApp, Directory
-from sidecar.emulators.keys import SigningKey
+from sidecar_emulators import aadsts
+from sidecar_emulators.entra_directory import ClientApp, Directory
+from sidecar_emulators.keys import SigningKey
 
 JWT_BEARER_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 FEDERATED_AUDIENCE = "api://AzureADTokenExchange"

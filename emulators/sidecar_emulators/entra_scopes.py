@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sidecar.emulators import aadsts
+from sidecar_emulators import aadsts
 
 # Scopes that ask for sign-in artefacts rather than access to a resource.
 OIDC_SCOPES = frozenset({"openid", "profile", "offline_access", "email"})

@@ -22,11 +22,11 @@ from aiohttp import web
 from aiohttp.helpers import parse_mimetype
 from multidict import CIMultiDict
 
-from sidecar.emulators import openai_payloads as payloads
-from sidecar.emulators._server import AppServer, Emulator, drop_connection
-from sidecar.emulators.keys import JwksSource
-from sidecar.emulators.upstream_auth import BearerValidator
-from sidecar.emulators.upstream_script import RecordedRequest, Scripted
+from sidecar_emulators import openai_payloads as payloads
+from sidecar_emulators._server import AppServer, Emulator, drop_connection
+from sidecar_emulators.keys import JwksSource
+from sidecar_emulators.upstream_auth import BearerValidator
+from sidecar_emulators.upstream_script import RecordedRequest, Scripted
 
 __all__ = ["RecordedRequest", "Scripted", "UpstreamEmulator"]
 

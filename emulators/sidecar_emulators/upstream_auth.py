@@ -9,7 +9,7 @@ from typing import Any
 import jwt
 from multidict import CIMultiDictProxy
 
-from sidecar.emulators.keys import JwksSource, resolve_jwks, verify_jwt
+from sidecar_emulators.keys import JwksSource, resolve_jwks, verify_jwt
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,11 @@ from typing import Any
 
 import jwt
 
-from sidecar.emulators import aadsts
-from sidecar.emulators.entra_client_auth import ClientAuthenticator, ClientAuthResult
-from sidecar.emulators.entra_directory import ClientApp, Directory, User
-from sidecar.emulators.entra_scopes import ScopeRequest, parse_scope
-from sidecar.emulators.entra_tokens import TokenMinter, client_info
+from sidecar_emulators import aadsts
+from sidecar_emulators.entra_client_auth import ClientAuthenticator, ClientAuthResult
+from sidecar_emulators.entra_directory import ClientApp, Directory, User
+from sidecar_emulators.entra_scopes import ScopeRequest, parse_scope
+from sidecar_emulators.entra_tokens import TokenMinter, client_info
 
 GRANT_CLIENT_CREDENTIALS = "client_credentials"
 GRANT_DEVICE_CODE = "urn:ietf:params:oauth:grant-type:device_code"

@@ -25,10 +25,10 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar.emulators import aadsts
-from sidecar.emulators._server import AppServer, Emulator
-from sidecar.emulators.entra import EntraEmulator
-from sidecar.emulators.entra_directory import stable_oid
+from sidecar_emulators import aadsts
+from sidecar_emulators._server import AppServer, Emulator
+from sidecar_emulators.entra import EntraEmulator
+from sidecar_emulators.entra_directory import stable_oid
 
 # azure-identity's aio credentials put identity_config on the wire verbatim, so {"resource_id": ...}
 # arrives as an unknown parameter (the sync ones translate it through msal). The real endpoints would
