@@ -503,6 +503,9 @@ class _DeepInit(PydanticBaseSettingsSource):
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    """The file's keys. Not pydantic-settings' YamlConfigSettingsSource: it skips a missing file silently, lets
+    a top level that is not a mapping or a YAML error escape as a bare exception, and takes its path from the
+    class's model_config, while --config names it per call."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
