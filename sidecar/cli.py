@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from sidecar import __version__
-from sidecar.config import ConfigError, Settings, load_config, read_secret_file
+from sidecar.config import ConfigError, Settings, load_config
 from sidecar.tokens.base import IdentityError
 
 EXIT_OK, EXIT_TOKEN, EXIT_CONFIG = 0, 1, 2
@@ -19,29 +18,11 @@ DEMO_NEEDS_EMULATORS = "the demo needs the emulators: pip install ./emulators (o
 T = TypeVar("T")
 
 
-def _secrets_of(settings: Settings) -> list[str]:
-    """Every configured secret value, so the log redactor can scrub them even if a library echoes one."""
-    values = [key.get_secret_value() for key in settings.inbound.api_keys]
-    values += [value.get_secret_value() for value in settings.upstream.headers.values()]
-    for path in settings.upstream.headers_files.values():
-        with contextlib.suppress(OSError):
-            values.append(read_secret_file(path))
-    auth = settings.auth
-    if auth.client_secret is not None:
-        values.append(auth.client_secret.get_secret_value())
-    if auth.certificate_password is not None:
-        values.append(auth.certificate_password.get_secret_value())
-    if auth.client_secret_file is not None:
-        with contextlib.suppress(OSError):
-            values.append(read_secret_file(auth.client_secret_file))
-    return values
-
-
 def _load(args: argparse.Namespace) -> Settings:
     settings = load_config(args.config)
     from sidecar import logs
 
-    logs.configure(settings.logging.level, settings.logging.format, _secrets_of(settings))
+    logs.configure(settings.logging.level, settings.logging.format, settings.secret_values())
     return settings
 
 
@@ -140,16 +121,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _signin_provider(settings: Settings, browser: bool) -> Any:
-    from sidecar.config import Flow
+    from sidecar.config import Flow, UserSignInAuth
     from sidecar.tokens.user_signin import DeviceCodeProvider, InteractiveProvider
 
-    if settings.auth.flow not in (Flow.DEVICE_CODE, Flow.INTERACTIVE):
-        raise ConfigError(
-            [f"auth.flow: login/logout are for device_code and interactive, not {settings.auth.flow.value}"]
-        )
-    if browser or settings.auth.flow is Flow.INTERACTIVE:
-        return InteractiveProvider(settings.auth, settings.tls)
-    return DeviceCodeProvider(settings.auth, settings.tls)
+    auth = settings.auth
+    if not isinstance(auth, UserSignInAuth):
+        raise ConfigError([f"auth.flow: login/logout are for device_code and interactive, not {auth.flow.value}"])
+    if browser or auth.flow is Flow.INTERACTIVE:
+        return InteractiveProvider(auth, settings.tls)
+    return DeviceCodeProvider(auth, settings.tls)
 
 
 def cmd_login(args: argparse.Namespace) -> int:

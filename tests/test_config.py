@@ -5,10 +5,25 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+from pydantic import BaseModel
 
-from sidecar.config import ConfigError, Flow, load_config
+from sidecar.config import (
+    AUTH_MODELS,
+    ConfidentialClientAuth,
+    ConfigError,
+    DefaultAuth,
+    Flow,
+    ManagedIdentityAuth,
+    OnBehalfOfAuth,
+    Settings,
+    UserSignInAuth,
+    WorkloadIdentityAuth,
+    load_config,
+)
 
 GOOD = """\
 upstream:
@@ -125,14 +140,27 @@ def test_cli_missing_file_exits_2(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_example_config_documents_every_key_and_loads() -> None:
-    import yaml
-    from pydantic import BaseModel
+def _example_auth_sections(text: str) -> list[dict[str, Any]]:
+    """The example's auth section and each commented-out one (a `# auth:` line and the `#   ...` lines under it)."""
+    sections = [yaml.safe_load(text)["auth"]]
+    lines = text.splitlines()
+    for at, line in enumerate(lines):
+        if line.startswith("# auth:"):
+            block = [line[2:]]
+            for following in lines[at + 1 :]:
+                if not following.startswith("#   "):
+                    break
+                block.append(following[2:])
+            sections.append(yaml.safe_load("\n".join(block))["auth"])
+    return sections
 
-    from sidecar.config import Settings
 
+def test_example_config_documents_every_key_and_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One file: the shared sections, client_credentials' auth section, and one commented auth section per other
+    flow. Every key of every model is in it, each flow's section holds exactly that flow's keys, and each loads."""
     example = Path(__file__).parent.parent / "config.example.yaml"
-    data = yaml.safe_load(example.read_text())
+    text = example.read_text()
+    data = yaml.safe_load(text)
 
     def keys(model: type[BaseModel], prefix: str = "") -> list[str]:
         found = []
@@ -149,8 +177,277 @@ def test_example_config_documents_every_key_and_loads() -> None:
         for part in key.split("."):
             assert isinstance(node, dict) and part in node, f"config.example.yaml does not document {key}"
             node = node[part]
-    data["auth"]["client_secret"] = "example"
-    assert Settings(**data).auth.flow is Flow.CLIENT_CREDENTIALS
+
+    sections = _example_auth_sections(text)
+    assert sorted(section["flow"] for section in sections) == sorted(flow.value for flow in Flow)
+    # what the workload identity webhook would inject: that flow's section leaves its keys to the environment
+    monkeypatch.setenv("AZURE_TENANT_ID", "t")
+    monkeypatch.setenv("AZURE_CLIENT_ID", "c")
+    monkeypatch.setenv("AZURE_FEDERATED_TOKEN_FILE", "/var/run/secrets/azure/tokens/azure-identity-token")
+    for section in sections:
+        flow = Flow(section["flow"])
+        model = AUTH_MODELS[flow]
+        assert set(section) == set(model.model_fields), f"the example's {flow.value} section: keys differ"
+        if issubclass(model, ConfidentialClientAuth):
+            section = {**section, "client_secret": "example"}
+        settings = Settings(**{**data, "auth": section})
+        assert settings.auth.flow is flow
+        assert type(settings.auth) is model
+
+
+def auth_problems(tmp_path: Path, auth: dict[str, Any]) -> list[str]:
+    """What load_config says about a file with this auth section."""
+    text = yaml.safe_dump({"upstream": {"url": "https://func.example.net"}, "auth": auth})
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    return caught.value.problems
+
+
+SCOPE = "api://x/.default"
+APP = {"scope": SCOPE, "tenant_id": "t", "client_id": "c"}
+
+
+@pytest.mark.parametrize(
+    ("auth", "expected"),
+    [
+        ({"flow": "client_credentials", **APP}, "auth.client_secret: auth.flow=client_credentials needs exactly one"),
+        (
+            {"flow": "on_behalf_of", **APP, "client_secret": "s", "certificate_path": "/etc/hostname"},
+            "(got auth.client_secret and auth.certificate_path)",
+        ),
+        (
+            {"flow": "client_credentials", **APP, "client_secret": "s", "certificate_password": "p"},
+            "auth.certificate_password: only used with auth.certificate_path",
+        ),
+        ({"flow": "on_behalf_of", **APP, "client_secret": "s", "obo_cache_size": 0}, "auth.obo_cache_size:"),
+        (
+            {"flow": "device_code", "scope": SCOPE, "tenant_id": "t"},
+            "auth.client_id: missing; auth.flow=device_code needs it: set it in the config file or "
+            "SIDECAR_AUTH__CLIENT_ID in the environment",
+        ),
+        ({"flow": "interactive", **APP, "tenant_id": " "}, "auth.tenant_id: must not be empty"),
+        ({"flow": "interactive", **APP, "authority_host": "http://login.example"}, "auth.authority_host: must be"),
+        (
+            {"flow": "managed_identity", "scope": SCOPE, "object_id": "o", "resource_id": "r"},
+            "auth.resource_id: a user-assigned identity is named by one of auth.client_id, auth.object_id",
+        ),
+        (
+            {"flow": "workload_identity", **APP, "federated_token_file": "/nonexistent/token"},
+            "auth.federated_token_file: cannot read '/nonexistent/token'",
+        ),
+        ({"flow": "azure_cli", "scope": "api://x/.default api://y/.default"}, "auth.scope: must be one scope"),
+        ({"flow": "default", "scope": SCOPE, "exclude_credentials": ["magic"]}, "auth.exclude_credentials: unknown"),
+        ({"scope": SCOPE}, "auth.flow: missing; set it to one of client_credentials, device_code, interactive"),
+    ],
+    ids=[
+        "client_credentials-no-secret",
+        "on_behalf_of-two-secrets",
+        "client_credentials-password-without-certificate",
+        "on_behalf_of-cache-size",
+        "device_code-no-client-id",
+        "interactive-blank-tenant",
+        "interactive-http-authority",
+        "managed_identity-two-ids",
+        "workload_identity-unreadable-token-file",
+        "azure_cli-two-scopes",
+        "default-unknown-credential",
+        "no-flow",
+    ],
+)
+def test_each_flow_validates_its_own_keys(tmp_path: Path, auth: dict[str, Any], expected: str) -> None:
+    problems = auth_problems(tmp_path, auth)
+    assert any(expected in line for line in problems), problems
+
+
+def test_each_flow_loads_with_only_its_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("IDENTITY_ENDPOINT", raising=False)
+    secret = {"client_secret": "s"}
+    minimal: dict[Flow, dict[str, Any]] = {
+        Flow.CLIENT_CREDENTIALS: {**APP, **secret},
+        Flow.ON_BEHALF_OF: {**APP, **secret},
+        Flow.DEVICE_CODE: APP,
+        Flow.INTERACTIVE: APP,
+        Flow.MANAGED_IDENTITY: {"scope": SCOPE},
+        Flow.WORKLOAD_IDENTITY: {**APP, "federated_token_file": "/etc/hostname"},
+        Flow.AZURE_CLI: {"scope": SCOPE},
+        Flow.DEFAULT: {"scope": SCOPE},
+    }
+    for flow, keys in minimal.items():
+        auth = Settings(upstream={"url": "https://func.example.net"}, auth={"flow": flow.value, **keys}).auth
+        assert type(auth) is AUTH_MODELS[flow]
+        assert auth.flow is flow and auth.refresh_margin == 300
+    device = Settings(upstream={"url": "https://func.example.net"}, auth={"flow": "device_code", **APP}).auth
+    assert isinstance(device, UserSignInAuth)
+    assert device.token_cache_path == tmp_path / "cache" / "sidecar" / "msal_token_cache.json"
+    interactive = Settings(
+        upstream={"url": "https://func.example.net"},
+        auth={"flow": "interactive", **APP, "token_cache_path": "~/sidecar-cache.json"},
+    ).auth
+    assert isinstance(interactive, UserSignInAuth)
+    assert interactive.token_cache_path == Path.home() / "sidecar-cache.json"
+    obo = Settings(upstream={"url": "https://func.example.net"}, auth={"flow": "on_behalf_of", **APP, **secret}).auth
+    assert isinstance(obo, OnBehalfOfAuth) and obo.obo_cache_size == 10_000
+
+
+@pytest.mark.parametrize("endpoint", [None, "http://127.0.0.1:41234/msi/token"])
+def test_managed_identity_records_which_protocol_the_environment_speaks(
+    endpoint: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if endpoint:
+        monkeypatch.setenv("IDENTITY_ENDPOINT", endpoint)
+    else:
+        monkeypatch.delenv("IDENTITY_ENDPOINT", raising=False)
+    settings = Settings(
+        upstream={"url": "https://func.example.net"},
+        auth={"flow": "managed_identity", "scope": SCOPE, "resource_id": "/subscriptions/s/id"},
+    )
+    assert isinstance(settings.auth, ManagedIdentityAuth)
+    assert settings.auth.identity_endpoint is bool(endpoint)
+
+
+@pytest.mark.parametrize(
+    ("flow", "key", "value", "used_by"),
+    [
+        ("client_credentials", "object_id", "o", "managed_identity"),
+        ("managed_identity", "client_secret", "s", "client_credentials, on_behalf_of"),
+        ("azure_cli", "exclude_credentials", ["azure_cli"], "default"),
+        ("device_code", "obo_cache_size", 10, "on_behalf_of"),
+    ],
+)
+def test_a_key_of_another_flow_says_so(tmp_path: Path, flow: str, key: str, value: Any, used_by: str) -> None:
+    auth = {"flow": flow, "scope": SCOPE}
+    if flow in ("client_credentials", "device_code"):
+        auth.update(APP)
+    if flow == "client_credentials":
+        auth["client_secret"] = "s"
+    problems = auth_problems(tmp_path, {**auth, key: value})
+    assert problems == [
+        f"auth.{key}: not used by auth.flow={flow}; remove it or change auth.flow (it is for {used_by})"
+    ]
+
+
+def test_a_key_of_no_flow_is_unknown_and_null_is_unset(tmp_path: Path) -> None:
+    assert auth_problems(tmp_path, {"flow": "azure_cli", "scope": SCOPE, "tenant": "t"}) == [
+        "auth.tenant: unknown key; check its spelling against config.example.yaml"
+    ]
+    # a key written out with no value is the key left out, whichever flow it belongs to
+    text = GOOD + "  object_id: null\n  obo_cache_size:\n"
+    assert load_config(write(tmp_path, text)).auth.flow is Flow.CLIENT_CREDENTIALS
+
+
+def test_env_overrides_the_file_inside_a_flow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = "upstream:\n  url: https://func.example.net\nauth:\n  flow: default\n  scope: api://file/.default\n"
+    text += "  exclude_credentials: [azure_cli]\n  refresh_margin: 60\n"
+    monkeypatch.setenv("SIDECAR_AUTH__EXCLUDE_CREDENTIALS", '["managed_identity", "environment"]')
+    monkeypatch.setenv("SIDECAR_AUTH__SCOPE", "api://env/.default")
+    settings = load_config(write(tmp_path, text))
+    assert isinstance(settings.auth, DefaultAuth)
+    assert settings.auth.exclude_credentials == ["managed_identity", "environment"]
+    assert settings.auth.scope == "api://env/.default"
+    assert settings.auth.refresh_margin == 60  # the file's value where the environment has none
+    # an env key of another flow is named like one in the file
+    monkeypatch.setenv("SIDECAR_AUTH__OBJECT_ID", "o")
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert caught.value.problems == [
+        "auth.object_id: not used by auth.flow=default; remove it or change auth.flow (it is for managed_identity)"
+    ]
+
+
+WORKLOAD = """\
+upstream:
+  url: https://func.example.net/api
+auth:
+  flow: workload_identity
+  scope: api://demo/.default
+"""
+WEBHOOK_ENV = ("AZURE_TENANT_ID", "AZURE_CLIENT_ID", "AZURE_FEDERATED_TOKEN_FILE", "AZURE_AUTHORITY_HOST")
+
+
+def _without_webhook_env(**extra: str) -> dict[str, str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in WEBHOOK_ENV and not k.startswith("SIDECAR_")}
+    return {**env, **extra}
+
+
+def test_workload_identity_without_the_webhook_variables_is_a_config_error(tmp_path: Path) -> None:
+    path = str(write(tmp_path, WORKLOAD + "  tenant_id: from-the-file\n"))
+    result = run_cli("check", "--config", path, env=_without_webhook_env(AZURE_CLIENT_ID="from-env"))
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(
+        "sidecar: config error: auth.federated_token_file: missing; auth.flow=workload_identity needs it: "
+        "set auth.federated_token_file, or AZURE_FEDERATED_TOKEN_FILE in the environment (the AKS workload "
+        "identity webhook injects it when the pod is labelled azure.workload.identity/use=true"
+    )
+    assert "Traceback" not in result.stderr
+
+    result = run_cli("check", "--config", str(write(tmp_path, WORKLOAD)), env=_without_webhook_env())
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert [line.split(":")[2].strip() for line in lines] == [
+        "auth.tenant_id",
+        "auth.client_id",
+        "auth.federated_token_file",
+    ]
+    for line, variable in zip(lines, WEBHOOK_ENV, strict=False):
+        assert f"or {variable} in the environment" in line
+
+
+def test_workload_identity_takes_what_the_config_lacks_from_the_webhook_variables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in WEBHOOK_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AZURE_TENANT_ID", "env-tenant")
+    monkeypatch.setenv("AZURE_CLIENT_ID", "env-client")
+    monkeypatch.setenv("AZURE_FEDERATED_TOKEN_FILE", "/var/run/secrets/azure/tokens/azure-identity-token")
+    monkeypatch.setenv("AZURE_AUTHORITY_HOST", "https://login.microsoftonline.us/")
+    auth = load_config(write(tmp_path, WORKLOAD + "  client_id: file-client\n")).auth
+    assert isinstance(auth, WorkloadIdentityAuth)
+    assert (auth.tenant_id, auth.client_id) == ("env-tenant", "file-client")
+    assert auth.federated_token_file == Path("/var/run/secrets/azure/tokens/azure-identity-token")
+    assert auth.authority_host == "https://login.microsoftonline.us"
+    monkeypatch.delenv("AZURE_AUTHORITY_HOST")
+    assert load_config(write(tmp_path, WORKLOAD)).auth.authority_host == "https://login.microsoftonline.com"  # type: ignore[union-attr]
+
+
+def test_secret_values_lists_every_configured_secret(tmp_path: Path) -> None:
+    header_file = tmp_path / "function-key"
+    header_file.write_text("from-a-header-file\n")
+    secret_file = tmp_path / "client-secret"
+    secret_file.write_text("  from-the-secret-file\n")
+    shared = {
+        "upstream": {
+            "url": "https://func.example.net",
+            "headers": {"x-functions-key": "inline-header"},
+            "headers_files": {"x-other-key": str(header_file)},
+        },
+        "inbound": {"api_keys": ["inbound-one", "inbound-two"]},
+    }
+    with_file = Settings(**shared, auth={"flow": "on_behalf_of", **APP, "client_secret_file": str(secret_file)})
+    assert sorted(with_file.secret_values()) == sorted(
+        ["inbound-one", "inbound-two", "inline-header", "from-a-header-file", "from-the-secret-file"]
+    )
+    certificate = Settings(
+        **shared,
+        auth={
+            "flow": "client_credentials",
+            **APP,
+            "certificate_path": "/etc/hostname",
+            "certificate_password": "pem-password",
+        },
+    )
+    assert "pem-password" in certificate.secret_values()
+    inline = Settings(**shared, auth={"flow": "client_credentials", **APP, "client_secret": "inline-secret"})
+    assert "inline-secret" in inline.secret_values()
+    managed = Settings(**shared, auth={"flow": "managed_identity", "scope": SCOPE})
+    assert sorted(managed.secret_values()) == sorted(
+        ["inbound-one", "inbound-two", "inline-header", "from-a-header-file"]
+    )
+    assert "from-the-secret-file" not in repr(with_file) and "inline-secret" not in repr(inline)
 
 
 def test_cleartext_upstream_is_refused_unless_named(tmp_path: Path) -> None:

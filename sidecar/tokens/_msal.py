@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import msal
 import requests
 
-from sidecar.config import AuthConfig, TlsConfig
+from sidecar.config import EntraAppAuth, TlsConfig
 from sidecar.tokens.base import AccessToken, IdentityError
 from sidecar.tokens.tls import PinnedCASession
 
@@ -35,11 +35,11 @@ _NOT_RETRYABLE = {"invalid_client", "unauthorized_client", "invalid_scope", "inv
 _CODE = re.compile(r"\bAADSTS\d+\b")
 
 
-def authority_url(auth: AuthConfig) -> str:
+def authority_url(auth: EntraAppAuth) -> str:
     return f"{auth.authority_host}/{auth.tenant_id}"
 
 
-def msal_options(auth: AuthConfig, tls: TlsConfig) -> dict[str, Any]:
+def msal_options(auth: EntraAppAuth, tls: TlsConfig) -> dict[str, Any]:
     """Keyword arguments every msal application gets: authority, discovery and our pinned HTTP client."""
     return {
         "authority": authority_url(auth),

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,14 @@ from azure.identity.aio import (
     ManagedIdentityCredential,
 )
 
-from sidecar.config import EXCLUDABLE_CREDENTIALS, PUBLIC_AUTHORITY, AuthConfig, Settings
+from sidecar.config import (
+    EXCLUDABLE_CREDENTIALS,
+    AzureCliAuth,
+    DefaultAuth,
+    ManagedIdentityAuth,
+    Settings,
+    WorkloadIdentityAuth,
+)
 from sidecar.tokens._msal import _HINTS
 from sidecar.tokens.base import AccessToken, IdentityError
 
@@ -149,14 +155,7 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
     return {"connection_verify": str(ca_bundle)} if ca_bundle else {}
 
 
-def _authority(settings: Settings, env_name: str = "AZURE_AUTHORITY_HOST") -> str | None:
-    """The configured authority host wins; else the environment's (the AKS webhook sets it); else public."""
-    if settings.auth.authority_host != PUBLIC_AUTHORITY:
-        return settings.auth.authority_host
-    return os.environ.get(env_name) or None
-
-
-def managed_identity_selector(auth: AuthConfig, environ: Mapping[str, str]) -> dict[str, Any]:
+def managed_identity_selector(auth: ManagedIdentityAuth) -> dict[str, Any]:
     """ManagedIdentityCredential's arguments for the configured user-assigned identity (none: system-assigned).
 
     The aio credential puts `identity_config` on the wire as given, so each key must be the endpoint's own
@@ -168,18 +167,19 @@ def managed_identity_selector(auth: AuthConfig, environ: Mapping[str, str]) -> d
     if auth.object_id:
         return {"identity_config": {"object_id": auth.object_id}}
     if auth.resource_id:
-        name = "mi_res_id" if environ.get("IDENTITY_ENDPOINT") else "msi_res_id"
+        name = "mi_res_id" if auth.identity_endpoint else "msi_res_id"
         return {"identity_config": {name: auth.resource_id}}
     return {}
 
 
 def managed_identity(settings: Settings) -> AzureIdentityProvider:
     auth = settings.auth
-    transport = _transport_options(settings)
+    assert isinstance(auth, ManagedIdentityAuth)
+    options = {**managed_identity_selector(auth), **_transport_options(settings)}
 
     def make() -> AsyncTokenCredential:
         # the protocol (App Service, IMDS, ...) is read from the environment when the credential is built
-        return ManagedIdentityCredential(**managed_identity_selector(auth, os.environ), **transport)
+        return ManagedIdentityCredential(**options)
 
     return AzureIdentityProvider("managed_identity", make, auth.scope)
 
@@ -199,33 +199,12 @@ class _FederatedTokenFile:
 
 
 def workload_identity(settings: Settings) -> AzureIdentityProvider:
+    # config has already taken each value from its key or from the webhook's AZURE_* variable
     auth = settings.auth
-    tenant_id = auth.tenant_id or os.environ.get("AZURE_TENANT_ID")
-    client_id = auth.client_id or os.environ.get("AZURE_CLIENT_ID")
-    token_file = auth.federated_token_file or (
-        Path(os.environ["AZURE_FEDERATED_TOKEN_FILE"]) if os.environ.get("AZURE_FEDERATED_TOKEN_FILE") else None
-    )
-    missing = [
-        name
-        for name, value in (
-            ("auth.tenant_id (or AZURE_TENANT_ID)", tenant_id),
-            ("auth.client_id (or AZURE_CLIENT_ID)", client_id),
-            ("auth.federated_token_file (or AZURE_FEDERATED_TOKEN_FILE)", token_file),
-        )
-        if not value
-    ]
-    if missing:
-        raise IdentityError(
-            "workload identity needs " + ", ".join(missing),
-            retryable=False,
-            hint=_UNAVAILABLE_HINTS["workload_identity"],
-        )
-    assert tenant_id and client_id and token_file
-    options = _transport_options(settings)
-    authority = _authority(settings)
-    if authority:
-        options["authority"] = authority
-    assertion = _FederatedTokenFile(token_file)
+    assert isinstance(auth, WorkloadIdentityAuth)
+    options = {**_transport_options(settings), "authority": auth.authority_host}
+    assertion = _FederatedTokenFile(auth.federated_token_file)
+    tenant_id, client_id = auth.tenant_id, auth.client_id
 
     def make() -> AsyncTokenCredential:
         return ClientAssertionCredential(tenant_id, client_id, assertion, **options)
@@ -234,8 +213,10 @@ def workload_identity(settings: Settings) -> AzureIdentityProvider:
 
 
 def azure_cli(settings: Settings) -> AzureIdentityProvider:
-    tenant = {"tenant_id": settings.auth.tenant_id} if settings.auth.tenant_id else {}
-    return AzureIdentityProvider("azure_cli", lambda: AzureCliCredential(**tenant), settings.auth.scope)
+    auth = settings.auth
+    assert isinstance(auth, AzureCliAuth)
+    tenant = {"tenant_id": auth.tenant_id} if auth.tenant_id else {}
+    return AzureIdentityProvider("azure_cli", lambda: AzureCliCredential(**tenant), auth.scope)
 
 
 _EXCLUDABLE = {
@@ -253,11 +234,11 @@ assert set(_EXCLUDABLE) == set(EXCLUDABLE_CREDENTIALS)
 
 def default(settings: Settings) -> AzureIdentityProvider:
     auth = settings.auth
+    assert isinstance(auth, DefaultAuth)
     options: dict[str, Any] = {name: True for key, name in _EXCLUDABLE.items() if key in auth.exclude_credentials}
     options.update(_transport_options(settings))
-    authority = _authority(settings)
-    if authority:
-        options["authority"] = authority
+    if auth.authority_host:  # else DefaultAzureCredential's own: AZURE_AUTHORITY_HOST, or the public cloud
+        options["authority"] = auth.authority_host
     if auth.client_id:
         options["managed_identity_client_id"] = auth.client_id
         options["workload_identity_client_id"] = auth.client_id

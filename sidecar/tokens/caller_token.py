@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import jwt
 
-from sidecar.config import AuthConfig, TlsConfig
+from sidecar.config import OnBehalfOfAuth, TlsConfig
 from sidecar.tokens.base import IdentityError
 from sidecar.tokens.claims import unverified_claims
 from sidecar.tokens.tls import IDP_TIMEOUT, client_ssl_context
@@ -66,7 +66,7 @@ class CallerTokenValidator:
 
     def __init__(
         self,
-        auth: AuthConfig,
+        auth: OnBehalfOfAuth,
         tls: TlsConfig,
         *,
         refetch_interval: float = REFETCH_INTERVAL,

@@ -8,7 +8,7 @@ from typing import Any
 
 import msal
 
-from sidecar.config import AuthConfig, Settings, TlsConfig, read_secret_file
+from sidecar.config import ClientCredentialsAuth, ConfidentialClientAuth, Settings, TlsConfig, read_secret_file
 from sidecar.tokens import _msal
 from sidecar.tokens.base import AccessToken, IdentityError
 
@@ -36,7 +36,7 @@ def load_certificate(path: Path, password: str | None) -> dict[str, Any]:
     return {"private_key": key_pem, "public_certificate": certificate.public_bytes(serialization.Encoding.PEM).decode()}
 
 
-def read_client_credential(auth: AuthConfig) -> str | dict[str, Any]:
+def read_client_credential(auth: ConfidentialClientAuth) -> str | dict[str, Any]:
     """The credential as msal takes it, read afresh so a rotated secret file or certificate is picked up."""
     if auth.client_secret is not None:
         return auth.client_secret.get_secret_value()
@@ -65,7 +65,9 @@ def _fingerprint(credential: str | dict[str, Any]) -> str:
 class ConfidentialApp:
     """One msal ConfidentialClientApplication, rebuilt when the credential behind it changes."""
 
-    def __init__(self, auth: AuthConfig, tls: TlsConfig, token_cache: msal.TokenCache | None = None) -> None:
+    def __init__(
+        self, auth: ConfidentialClientAuth, tls: TlsConfig, token_cache: msal.TokenCache | None = None
+    ) -> None:
         self._auth = auth
         self._tls = tls
         self._token_cache = token_cache
@@ -94,7 +96,7 @@ class ConfidentialApp:
 class ClientCredentialsProvider:
     flow = "client_credentials"
 
-    def __init__(self, auth: AuthConfig, tls: TlsConfig) -> None:
+    def __init__(self, auth: ClientCredentialsAuth, tls: TlsConfig) -> None:
         self._scopes = [auth.scope]
         self._app = ConfidentialApp(auth, tls)
 
@@ -114,4 +116,5 @@ class ClientCredentialsProvider:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ClientCredentialsProvider:
+        assert isinstance(settings.auth, ClientCredentialsAuth)
         return cls(settings.auth, settings.tls)

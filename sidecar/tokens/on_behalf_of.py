@@ -21,7 +21,7 @@ from typing import Any
 
 import msal
 
-from sidecar.config import AuthConfig, Settings, TlsConfig
+from sidecar.config import OnBehalfOfAuth, Settings, TlsConfig
 from sidecar.tokens import _msal
 from sidecar.tokens.base import AccessToken, IdentityError
 from sidecar.tokens.caller_token import CallerTokenValidator
@@ -91,7 +91,7 @@ class OnBehalfOfAuthorizer:
 
     def __init__(
         self,
-        auth: AuthConfig,
+        auth: OnBehalfOfAuth,
         tls: TlsConfig,
         *,
         observer: TokenObserver | None = None,
@@ -113,6 +113,7 @@ class OnBehalfOfAuthorizer:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OnBehalfOfAuthorizer:
+        assert isinstance(settings.auth, OnBehalfOfAuth)
         return cls(settings.auth, settings.tls)
 
     def set_observer(self, observer: TokenObserver | None) -> None:

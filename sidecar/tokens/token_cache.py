@@ -12,11 +12,6 @@ from pathlib import Path
 import msal
 
 
-def default_cache_path() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "sidecar" / "msal_token_cache.json"
-
-
 class PersistentTokenCache(msal.SerializableTokenCache):
     """A SerializableTokenCache bound to a file. Call `reload()` before and `save()` after each msal call."""
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import msal
 
-from sidecar.config import AuthConfig, Settings, TlsConfig
+from sidecar.config import Settings, TlsConfig, UserSignInAuth
 from sidecar.tokens import _msal
 from sidecar.tokens.base import AccessToken, IdentityError
-from sidecar.tokens.token_cache import PersistentTokenCache, default_cache_path
+from sidecar.tokens.token_cache import PersistentTokenCache
 
 log = logging.getLogger("sidecar.tokens")
 
@@ -27,8 +27,8 @@ log = logging.getLogger("sidecar.tokens")
 class _PublicClient:
     """The msal public client app and its persistent cache; every method blocks (run it in a thread)."""
 
-    def __init__(self, auth: AuthConfig, tls: TlsConfig) -> None:
-        self.cache = PersistentTokenCache(auth.token_cache_path or default_cache_path())
+    def __init__(self, auth: UserSignInAuth, tls: TlsConfig) -> None:
+        self.cache = PersistentTokenCache(auth.token_cache_path)
         self.scopes = [auth.scope]
         self._client_id = auth.client_id
         self._options = _msal.msal_options(auth, tls)
@@ -117,7 +117,7 @@ class DeviceCodeProvider:
     flow = "device_code"
     pending_message = "waiting for a user to sign in: the device code is in the sidecar's log (stderr)"
 
-    def __init__(self, auth: AuthConfig, tls: TlsConfig) -> None:
+    def __init__(self, auth: UserSignInAuth, tls: TlsConfig) -> None:
         self._client = _PublicClient(auth, tls)
 
     @property
@@ -128,6 +128,7 @@ class DeviceCodeProvider:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DeviceCodeProvider:
+        assert isinstance(settings.auth, UserSignInAuth)
         return cls(settings.auth, settings.tls)
 
     def _acquire(self) -> tuple[float, dict[str, Any]]:
@@ -167,6 +168,7 @@ class InteractiveProvider(DeviceCodeProvider):
 
     @classmethod
     def from_settings(cls, settings: Settings) -> InteractiveProvider:
+        assert isinstance(settings.auth, UserSignInAuth)
         return cls(settings.auth, settings.tls)
 
     def _acquire(self) -> tuple[float, dict[str, Any]]:

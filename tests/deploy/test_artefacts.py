@@ -583,7 +583,14 @@ def test_configmap_is_valid_sidecar_config(
 ) -> None:
     text = sidecar_config(rendered[variant])["sidecar.yaml"]
     assert yaml.safe_load(text)["auth"]["flow"] == flow
-    assert_valid_config(monkeypatch, tmp_path, text=text)
+    # the workload identity overlay leaves tenant, client and token file to what the webhook injects into the pod
+    webhook = {
+        "AZURE_TENANT_ID": "00000000-0000-0000-0000-000000000000",
+        "AZURE_CLIENT_ID": "00000000-0000-0000-0000-000000000000",
+        "AZURE_FEDERATED_TOKEN_FILE": "/var/run/secrets/azure/tokens/azure-identity-token",
+        "AZURE_AUTHORITY_HOST": "https://login.microsoftonline.com/",
+    }
+    assert_valid_config(monkeypatch, tmp_path, text=text, env=webhook if flow == "workload_identity" else None)
 
 
 def test_workload_identity_overlay(rendered: dict[str, list[dict[str, Any]]]) -> None:

@@ -1,0 +1,76 @@
+"""Configuration: the only place that knows key names, env names and defaults, and the only place that reads
+the environment (azure-identity's DefaultAzureCredential and ManagedIdentityCredential read their own).
+
+Sources, strongest first: environment (`SIDECAR_` prefix, `__` between nested keys), then the YAML file
+(`--config` or `SIDECAR_CONFIG`), then the defaults. `sections` holds listen, upstream, tls, inbound and logging;
+`auth` one model per flow (a discriminated union on `auth.flow`); `settings` puts them together and loads them.
+"""
+
+from sidecar.config.auth import (
+    AUTH_MODELS,
+    EXCLUDABLE_CREDENTIALS,
+    WORKLOAD_IDENTITY_ENV,
+    AuthBase,
+    AuthConfig,
+    AzureCliAuth,
+    ClientCredentialsAuth,
+    ConfidentialClientAuth,
+    DefaultAuth,
+    DeviceCodeAuth,
+    EntraAppAuth,
+    InteractiveAuth,
+    ManagedIdentityAuth,
+    OnBehalfOfAuth,
+    UserSignInAuth,
+    WorkloadIdentityAuth,
+    default_token_cache_path,
+)
+from sidecar.config.sections import (
+    CONFIG_PATH_ENV,
+    ENV_PREFIX,
+    PUBLIC_AUTHORITY,
+    ConfigError,
+    Flow,
+    InboundConfig,
+    ListenConfig,
+    LoggingConfig,
+    TlsConfig,
+    UpstreamConfig,
+    is_loopback,
+    read_secret_file,
+)
+from sidecar.config.settings import Settings, load_config
+
+__all__ = [
+    "AUTH_MODELS",
+    "CONFIG_PATH_ENV",
+    "ENV_PREFIX",
+    "EXCLUDABLE_CREDENTIALS",
+    "PUBLIC_AUTHORITY",
+    "WORKLOAD_IDENTITY_ENV",
+    "AuthBase",
+    "AuthConfig",
+    "AzureCliAuth",
+    "ClientCredentialsAuth",
+    "ConfidentialClientAuth",
+    "ConfigError",
+    "DefaultAuth",
+    "DeviceCodeAuth",
+    "EntraAppAuth",
+    "Flow",
+    "InboundConfig",
+    "InteractiveAuth",
+    "ListenConfig",
+    "LoggingConfig",
+    "ManagedIdentityAuth",
+    "OnBehalfOfAuth",
+    "Settings",
+    "TlsConfig",
+    "UpstreamConfig",
+    "UserSignInAuth",
+    "WorkloadIdentityAuth",
+    "default_token_cache_path",
+    "is_loopback",
+    "load_config",
+    "read_secret_file",
+]

@@ -1,0 +1,126 @@
+"""The config sections other than auth, the flow names, and the error every config problem becomes."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+
+ENV_PREFIX = "SIDECAR_"
+CONFIG_PATH_ENV = "SIDECAR_CONFIG"
+PUBLIC_AUTHORITY = "https://login.microsoftonline.com"
+
+
+class ConfigError(Exception):
+    """A configuration the sidecar cannot run with; `problems` holds one line per wrong key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+class Flow(StrEnum):
+    CLIENT_CREDENTIALS = "client_credentials"
+    DEVICE_CODE = "device_code"
+    INTERACTIVE = "interactive"
+    ON_BEHALF_OF = "on_behalf_of"
+    MANAGED_IDENTITY = "managed_identity"
+    WORKLOAD_IDENTITY = "workload_identity"
+    AZURE_CLI = "azure_cli"
+    DEFAULT = "default"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    # A new connection must deliver its first request head within this time (slow-header callers hold sockets).
+    header_timeout: float = Field(10.0, gt=0)
+    # An idle kept-alive connection is closed after this long (aiohttp's default is about an hour).
+    keepalive_timeout: float = Field(75.0, gt=0)
+    # Connections past this many are closed at once: the process keeps descriptors for the upstream side.
+    max_connections: int = Field(2048, ge=1)
+
+
+class UpstreamConfig(_Section):
+    url: str
+    connect_timeout: float = Field(10.0, gt=0)
+    read_timeout: float = Field(300.0, gt=0)
+    headers: dict[str, SecretStr] = Field(default_factory=dict)
+    headers_files: dict[str, Path] = Field(default_factory=dict)
+    # http:// to anything but loopback sends the token in cleartext: refused unless asked for by name.
+    allow_insecure: bool = False
+    # Bytes of small request bodies all requests together keep for replaying once after an upstream 401.
+    replay_buffer: int = Field(64 * 1024 * 1024, ge=0)
+
+    @model_validator(mode="after")
+    def _cleartext_only_on_loopback(self) -> UpstreamConfig:
+        from yarl import URL
+
+        url = URL(self.url)
+        if url.scheme == "http" and not self.allow_insecure and not is_loopback(url.host or ""):
+            raise ValueError(
+                f"upstream.url: http:// to {url.host} would send the bearer token in cleartext; use https://, "
+                "or set upstream.allow_insecure: true if the network path is protected otherwise"
+            )
+        return self
+
+    @field_validator("url")
+    @classmethod
+    def _url_is_http(cls, value: str) -> str:
+        from yarl import URL
+
+        url = URL(value)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"must be an http(s) URL such as https://my-func.azurewebsites.net, got {value!r}")
+        if url.query_string or url.fragment:
+            raise ValueError("must not carry a query string or fragment")
+        return value.rstrip("/")
+
+
+class TlsConfig(_Section):
+    ca_bundle: Path | None = None
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not os.access(value, os.R_OK):
+            raise ValueError(f"cannot read {str(value)!r}: point it at a PEM file of trusted CA certificates")
+        return value
+
+
+class InboundConfig(_Section):
+    api_keys: list[SecretStr] = Field(default_factory=list)
+
+
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+    access_log: bool = True
+
+
+def read_secret_file(path: Path) -> str:
+    return path.read_text(encoding="utf-8").strip()

@@ -1,0 +1,217 @@
+"""Settings (every section together) and loading them: the YAML file, the environment, and errors that name
+the key and the fix."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from sidecar.config.auth import AUTH_MODELS, AuthConfig
+from sidecar.config.sections import (
+    CONFIG_PATH_ENV,
+    ENV_PREFIX,
+    ConfigError,
+    Flow,
+    InboundConfig,
+    ListenConfig,
+    LoggingConfig,
+    TlsConfig,
+    UpstreamConfig,
+    read_secret_file,
+)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    listen: ListenConfig = Field(default_factory=ListenConfig)
+    upstream: UpstreamConfig
+    tls: TlsConfig = Field(default_factory=TlsConfig)
+    auth: AuthConfig
+    inbound: InboundConfig = Field(default_factory=InboundConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    shutdown_grace: float = Field(25.0, ge=0)
+    # Serving processes sharing the listening port; one of them never multiplies identity-provider calls
+    # (the parent owns the token and hands it to the workers). "auto" is one per CPU.
+    workers: int | Literal["auto"] = 1
+
+    @field_validator("auth", mode="before")
+    @classmethod
+    def _null_is_unset(cls, value: object) -> object:
+        # `key: null` (or `key:` alone) says "no value": the same as leaving the key out, so a config that lists
+        # another flow's keys empty, as the example once did, still loads.
+        if isinstance(value, dict):
+            return {key: item for key, item in value.items() if item is not None}
+        return value
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers_value(cls, value: object, info: ValidationInfo) -> int | str:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            value = "auto"
+        elif isinstance(value, str) and value.strip().isdigit():
+            value = int(value.strip())
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64):
+            raise ValueError(f"must be a number of processes from 1 to 64, or auto (got {value!r})")
+        auth = info.data.get("auth")
+        if value != 1 and auth is not None and auth.flow is Flow.ON_BEHALF_OF:
+            raise ValueError("on_behalf_of gets a token per caller, which workers cannot share: use workers: 1")
+        return value  # type: ignore[return-value]
+
+    def secret_values(self) -> list[str]:
+        """Every configured secret value (inbound keys, upstream headers, the flow's credential), so the log
+        redactor can scrub them even if a library echoes one."""
+        values = [key.get_secret_value() for key in self.inbound.api_keys]
+        values += [value.get_secret_value() for value in self.upstream.headers.values()]
+        for path in self.upstream.headers_files.values():
+            with contextlib.suppress(OSError):
+                values.append(read_secret_file(path))
+        values += self.auth.secret_values()
+        return [value for value in values if value]
+
+    def worker_count(self) -> int:
+        """How many serving processes: `workers`, with "auto" meaning one per usable CPU."""
+        if self.workers == "auto":
+            return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        return int(self.workers)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's content arrives through init_settings (see load_config), so env wins over it.
+        return (env_settings, _DeepInit(settings_cls, init_settings))
+
+
+class _DeepInit(PydanticBaseSettingsSource):
+    """Init values (the YAML file) as a settings source placed after env, so env overrides the file."""
+
+    def __init__(self, settings_cls: type[BaseSettings], init: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        self._init = init
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return self._init()
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """The file's keys. Not pydantic-settings' YamlConfigSettingsSource: it skips a missing file silently, lets
+    a top level that is not a mapping or a YAML error escape as a bare exception, and takes its path from the
+    class's model_config, while --config names it per call."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"config file {str(path)!r}: cannot read it ({exc.strerror})"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError([f"config file {str(path)!r}: not valid YAML{where}: {problem}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"config file {str(path)!r}: must be a mapping of keys (listen, upstream, auth, ...)"])
+    return data
+
+
+_HINTS = {
+    "upstream.url": "set upstream.url to the secured proxy, e.g. https://my-func.azurewebsites.net",
+    "auth": "set auth.flow and auth.scope",
+    "auth.scope": "set auth.scope, e.g. api://<api-app-id>/.default",
+}
+
+
+def _env_name(key: str) -> str:
+    return ENV_PREFIX + key.replace(".", "__").upper()
+
+
+def _flows_using(key: str) -> list[str]:
+    return [flow.value for flow, model in AUTH_MODELS.items() if key in model.model_fields]
+
+
+_FLOW_VALUES = {flow.value for flow in Flow}
+_FLOW_CHOICES = "one of " + ", ".join(flow.value for flow in Flow)
+
+
+def _explain(error: ValidationError) -> list[str]:
+    lines: list[str] = []
+    for item in error.errors(include_url=False, include_input=False):
+        parts = [str(part) for part in item["loc"]]
+        # a flow model's errors carry its tag, ('auth', 'client_credentials', 'tenant_id'): users wrote auth.tenant_id
+        flow: Flow | None = None
+        if len(parts) >= 2 and parts[0] == "auth" and parts[1] in _FLOW_VALUES:
+            flow = Flow(parts.pop(1))
+        key = ".".join(parts)
+        kind = item["type"]
+        message = str(item["msg"])
+        if message.startswith("Value error, "):
+            message = message[len("Value error, ") :]
+        if kind == "union_tag_not_found":
+            lines.append(f"auth.flow: missing; set it to {_FLOW_CHOICES}")
+        elif kind == "union_tag_invalid":
+            lines.append(f"auth.flow: {item.get('ctx', {}).get('tag')!r} is not a flow; use {_FLOW_CHOICES}")
+        elif kind == "missing" and flow is not None:
+            hint = AUTH_MODELS[flow].missing_hints.get(key) or _HINTS.get(key)
+            hint = hint or f"set it in the config file or {_env_name(key)} in the environment"
+            lines.append(f"{key}: missing; auth.flow={flow.value} needs it: {hint}")
+        elif kind == "missing":
+            hint = _HINTS.get(key, f"set {key} in the config file or {_env_name(key)} in the environment")
+            lines.append(f"{key}: missing; {hint}")
+        elif kind == "extra_forbidden" and flow is not None and _flows_using(parts[-1]):
+            lines.append(
+                f"{key}: not used by auth.flow={flow.value}; remove it or change auth.flow "
+                f"(it is for {', '.join(_flows_using(parts[-1]))})"
+            )
+        elif kind == "extra_forbidden":
+            lines.append(f"{key}: unknown key; check its spelling against config.example.yaml")
+        elif kind == "enum":
+            lines.append(f"{key}: {message}")
+        elif "\n" in message or message.startswith(("auth.", "upstream.")):
+            # a cross-key rule already names its keys, one per line
+            lines.extend(message.splitlines())
+        else:
+            lines.append(f"{key}: {message}")
+    return lines
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Read the file (if any) and the environment; raise ConfigError naming every wrong key."""
+    if path is None:
+        path = os.environ.get(CONFIG_PATH_ENV) or None
+    file_values = _read_yaml(Path(path)) if path else {}
+    try:
+        return Settings(**file_values)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc)) from None
