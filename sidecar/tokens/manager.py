@@ -261,11 +261,14 @@ class TokenManager(HeldToken):
             if delay <= 0:
                 return
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                # an on-demand refresh (401 replay, cold request) wakes us to recompute the schedule
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
-                continue
-            return
+            try:
+                # an on-demand refresh (401 replay, cold request) wakes us to recompute the schedule.
+                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation (aclose) that
+                # arrives just as the wake-up does, and the loop slept on for the whole refresh interval.
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+            except TimeoutError:
+                return
 
 
 def _consume(task: asyncio.Task[None]) -> None:
