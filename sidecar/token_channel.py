@@ -5,7 +5,9 @@ process could connect to. Messages are JSON lines.
 
   parent -> worker  {"token": ..., "expires_on": ..., "refresh_on": ...} for every new token (pushed by the
                     manager's refresh loop) and as the answer to a request ({"id": n, ...});
-                    {"id": n, "error": {...}} when a request could not be served.
+                    {"id": n, "error": {...}} when a request could not be served;
+                    {"id": n, "no_token": true}: no new token for that rejection now (the manager's rejection
+                    pause): the worker answers its caller with the upstream's 401.
   worker -> parent  {"id": n, "op": "get"}: no valid token is cached (a cold start);
                     {"id": n, "op": "refresh", "rejected": <digest>}: the upstream answered 401 to that token.
 
@@ -43,6 +45,10 @@ def _token_message(token: AccessToken, request_id: int | None = None) -> bytes:
     if request_id is not None:
         message["id"] = request_id
     return json.dumps(message).encode() + b"\n"
+
+
+def _no_token_message(request_id: int) -> bytes:
+    return json.dumps({"id": request_id, "no_token": True}).encode() + b"\n"
 
 
 def _error_message(error: IdentityError, request_id: int | None) -> bytes:
@@ -103,20 +109,16 @@ class TokenBroker:
                 if self._metrics is not None:
                     self.push_metrics()  # the failure was counted
             else:
-                reply = _token_message(token, request_id)
+                reply = _no_token_message(request_id) if token is None else _token_message(token, request_id)
             if not writer.is_closing():
                 writer.write(reply)
 
-    async def _answer(self, request: Mapping[str, Any]) -> AccessToken:
+    async def _answer(self, request: Mapping[str, Any]) -> AccessToken | None:
         manager = self._manager
         if request.get("op") == "refresh":
             current = manager.current
             rejected = current.token if current is not None and digest(current.token) == request.get("rejected") else ""
-            await manager.token_after_rejection(None, rejected)  # a newer token, one refresh however many ask
-            current = manager.current
-            if current is None:  # pragma: no cover - the manager raises instead
-                raise IdentityError("no token after a refresh", retryable=True)
-            return current
+            return await manager.replacement_for(rejected)  # the manager's policy: one fetch however many ask
         return await manager.get()
 
     async def aclose(self) -> None:
@@ -151,7 +153,7 @@ class ChannelAuthorizer(HeldToken):
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._next_id = 0
-        self._asking: dict[str, tuple[int, asyncio.Future[AccessToken]]] = {}  # op key -> (id, answer)
+        self._asking: dict[str, tuple[int, asyncio.Future[AccessToken | None]]] = {}  # op key -> (id, answer)
         self._lost = False
         self._metrics: Metrics | None = None
 
@@ -181,23 +183,27 @@ class ChannelAuthorizer(HeldToken):
         current = self._current
         if current is not None and current.expires_on - time.time() > EXPIRY_SKEW:
             return current.token  # the hot path: no round trip to the parent
-        return (await self._wait("get", {"op": "get"})).token
+        token = await self._wait("get", {"op": "get"})
+        if token is None:  # pragma: no cover - the parent answers a "get" with a token or an error
+            raise IdentityError("no token from the sidecar's token process", retryable=True)
+        return token.token
 
-    async def token_after_rejection(self, headers: Mapping[str, str] | None, rejected: str) -> str:
+    async def token_after_rejection(self, headers: Mapping[str, str] | None, rejected: str) -> str | None:
         current = self._current
         if current is not None and current.token != rejected and usable(current):
             return current.token  # a newer token arrived meanwhile
         named = digest(rejected)
-        return (await self._wait(f"refresh:{named}", {"op": "refresh", "rejected": named})).token
+        token = await self._wait(f"refresh:{named}", {"op": "refresh", "rejected": named})
+        return None if token is None else token.token  # None: the parent's manager has no new token now
 
     # -- the channel --------------------------------------------------------------------------------
 
-    def _request(self, key: str, message: dict[str, Any]) -> asyncio.Future[AccessToken]:
+    def _request(self, key: str, message: dict[str, Any]) -> asyncio.Future[AccessToken | None]:
         """One request per key in flight (single-flight here too); everyone waiting shares its answer."""
         asking = self._asking.get(key)
         if asking is not None:
             return asking[1]
-        future: asyncio.Future[AccessToken] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[AccessToken | None] = asyncio.get_running_loop().create_future()
         if self._lost or self._writer is None or self._writer.is_closing():
             future.set_exception(IdentityError("the sidecar's token process has stopped", retryable=True))
             return future
@@ -207,7 +213,7 @@ class ChannelAuthorizer(HeldToken):
         self._writer.write(json.dumps({**message, "id": self._next_id}).encode() + b"\n")
         return future
 
-    async def _wait(self, key: str, message: dict[str, Any]) -> AccessToken:
+    async def _wait(self, key: str, message: dict[str, Any]) -> AccessToken | None:
         future = self._request(key, message)
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout=self._max_wait)
@@ -247,6 +253,9 @@ class ChannelAuthorizer(HeldToken):
             self._last_error = error
             self._settle(lambda key, asked_id: asked_id == request_id, error=error)
             return
+        if message.get("no_token"):
+            self._settle(lambda key, asked_id: asked_id == request_id)
+            return
         token = AccessToken(
             token=str(message["token"]),
             expires_on=float(message["expires_on"]),
@@ -282,9 +291,9 @@ class ChannelAuthorizer(HeldToken):
             if error is not None:
                 future.set_exception(error)
             else:
-                future.set_result(token)  # type: ignore[arg-type]
+                future.set_result(token)  # None only for a "no_token" answer
 
 
-def _retrieve(future: asyncio.Future[AccessToken]) -> None:
+def _retrieve(future: asyncio.Future[AccessToken | None]) -> None:
     if not future.cancelled():
         future.exception()

@@ -6,6 +6,9 @@ the provider is ours on purpose, so failures and timings are exact."""
 from __future__ import annotations
 
 import asyncio
+import calendar
+import logging
+import re
 import time
 
 import pytest
@@ -13,7 +16,7 @@ import pytest
 from sidecar.tokens.base import AccessToken, IdentityError
 from sidecar.tokens.manager import RetryPolicy, TokenManager, refresh_at
 
-FAST_RETRY = RetryPolicy(first_delay=0.05, max_delay=0.2)
+FAST_RETRY = RetryPolicy(first_delay=0.05, max_delay=0.2, min_interval=0.0)
 
 
 class ScriptedProvider:
@@ -23,11 +26,13 @@ class ScriptedProvider:
         self.lifetime = lifetime
         self.delay = delay
         self.calls = 0
+        self.started: list[float] = []  # when each fetch began (monotonic)
         self.failing = False
         self.closed = False
 
     async def fetch(self) -> AccessToken:
         self.calls += 1
+        self.started.append(time.monotonic())
         await asyncio.sleep(self.delay)
         if self.failing:
             raise IdentityError("server_error: AADSTS90033: down", code="AADSTS90033")
@@ -98,6 +103,114 @@ async def test_rejection_refreshes_once_for_many_callers() -> None:
     assert set(replaced) == {"token-2"}
     assert provider.calls == 2
     await manager.aclose()
+
+
+async def test_a_rejected_replacement_pauses_rejection_refreshes(caplog: pytest.LogCaptureFixture) -> None:
+    provider = ScriptedProvider()
+    manager = TokenManager(provider, retry=FAST_RETRY)
+    await manager.start()
+    first = await manager.token_for({})
+    assert set(await asyncio.gather(*(manager.token_after_rejection({}, first) for _ in range(20)))) == {"token-2"}
+    # a late rejection of the replaced token costs nothing
+    assert await manager.token_after_rejection({}, first) == "token-2"
+    assert provider.calls == 2
+    # token-2, fetched because token-1 was rejected, is rejected too: asking again cannot help
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sidecar.tokens"):
+        answers = await asyncio.gather(*(manager.token_after_rejection({}, "token-2") for _ in range(20)))
+        answers += [await manager.token_after_rejection({}, "token-2") for _ in range(100)]
+    assert answers == [None] * 120  # "no new token now": the callers get the upstream's 401
+    assert provider.calls == 2
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "rejects tokens fresh from the identity provider" in warning
+    assert "auth.scope" in warning and "app role" in warning
+    assert "30 s" in warning
+    assert manager.is_ready()  # requests still get token-2 (the upstream's answer is theirs to see)
+    await manager.aclose()
+
+
+async def test_the_rejection_pause_doubles_up_to_its_cap() -> None:
+    provider = ScriptedProvider(delay=0.0)
+    retry = RetryPolicy(first_delay=0.05, max_delay=0.2, min_interval=0.0, rejection_pause=0.2, max_rejection_pause=0.4)
+    manager = TokenManager(provider, retry=retry)
+    await manager.start()
+    token = await manager.token_for({})
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:  # an upstream that rejects every token, under steady traffic
+        token = await manager.token_after_rejection({}, token) or token
+        await asyncio.sleep(0.01)
+    await manager.aclose()
+    # fetch 2 replaced the first token; each later one came after a pause: 0.2 s, then 0.4 s (the cap)
+    gaps = [later - earlier for earlier, later in zip(provider.started[1:], provider.started[2:], strict=False)]
+    assert gaps[0] >= 0.2
+    assert all(gap >= 0.4 for gap in gaps[1:])
+    assert len(provider.started) >= 7  # the cap held: doubling on would have allowed 5 fetches in 3 s
+
+
+async def test_the_rejection_pause_starts_over_after_a_quiet_while() -> None:
+    provider = ScriptedProvider(delay=0.0)
+    retry = RetryPolicy(
+        first_delay=0.05, max_delay=0.2, min_interval=0.0, rejection_pause=0.25, max_rejection_pause=2.0
+    )
+    manager = TokenManager(provider, retry=retry)
+    await manager.start()
+
+    async def reject_until_replaced(token: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while (replacement := await manager.token_after_rejection({}, token)) is None:
+            assert time.monotonic() < deadline, f"no new token within {timeout} s"
+            await asyncio.sleep(0.01)
+        return replacement
+
+    token = await reject_until_replaced(await manager.token_for({}), 1)  # token-2
+    assert await manager.token_after_rejection({}, token) is None  # pause 1: 0.25 s
+    token = await reject_until_replaced(token, 2)
+    assert await manager.token_after_rejection({}, token) is None  # pause 2: 0.5 s; a third would last 1 s
+    await asyncio.sleep(2.6)  # no rejection for longer than max_rejection_pause after it ended
+    token = await reject_until_replaced(token, 1)
+    assert await manager.token_after_rejection({}, token) is None  # a pause of 0.25 s again, not 1 s
+    await reject_until_replaced(token, 0.7)
+    await manager.aclose()
+
+
+async def test_fetches_start_at_least_min_interval_apart() -> None:
+    provider = ScriptedProvider(delay=0.0)
+    provider.failing = True
+    manager = TokenManager(provider, retry=RetryPolicy(first_delay=0.01, max_delay=0.01, min_interval=0.3))
+    await manager.start()
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:  # the refresh loop retries, requests ask too: nothing may go faster
+        with pytest.raises(IdentityError):
+            await manager.token_for({})
+        await asyncio.sleep(0.005)
+    await manager.aclose()
+    gaps = [later - earlier for earlier, later in zip(provider.started, provider.started[1:], strict=False)]
+    assert len(gaps) >= 3
+    assert min(gaps) >= 0.29
+
+
+@pytest.mark.parametrize("lifetime", [0.0, -7200.0, 0.5])
+async def test_a_token_that_arrives_expired_is_refused_with_a_clock_hint(lifetime: float) -> None:
+    provider = ScriptedProvider(lifetime=lifetime, delay=0.0)  # 0: no expires_in; -7200: clock 2 h ahead
+    manager = TokenManager(provider, retry=RetryPolicy(first_delay=0.1, max_delay=0.4, min_interval=0.0))
+    await manager.start()
+    with pytest.raises(IdentityError) as caught:
+        await manager.token_for({})
+    message = str(caught.value)
+    assert "check the host clock" in message
+    stamps = re.findall(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", message)  # the token's expiry, the local time
+    expiry, local = (calendar.timegm(time.strptime(stamp, "%Y-%m-%d %H:%M:%S UTC")) for stamp in stamps)
+    assert abs(expiry - local - lifetime) <= 2
+    assert "token-" not in message
+    assert manager.current is None and not manager.is_ready()
+    # a failure: the refresh loop backs off, and requests meanwhile get the cached error
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        with pytest.raises(IdentityError):
+            await manager.token_for({})
+        await asyncio.sleep(0.005)
+    await manager.aclose()
+    assert 3 <= provider.calls <= 15  # 0.1 s, 0.2 s, then 0.4 s apart (by the loop or a request)
 
 
 def test_refresh_schedule() -> None:

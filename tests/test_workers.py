@@ -217,7 +217,7 @@ class CountingProvider:
 
 async def test_channel_single_flight_push_and_rejection() -> None:
     provider = CountingProvider()
-    manager = TokenManager(provider)
+    manager = TokenManager(provider, retry=RetryPolicy(min_interval=0.0, rejection_pause=0.2))
     pairs = [socket.socketpair() for _ in range(2)]
     broker = TokenBroker(manager, [parent for parent, _ in pairs])
     workers = [ChannelAuthorizer(child, "client_credentials") for _, child in pairs]
@@ -232,7 +232,11 @@ async def test_channel_single_flight_push_and_rejection() -> None:
         # the upstream rejected token-1 in both workers: one refresh, and both get token-2
         second = await asyncio.gather(*(w.token_after_rejection({}, "token-1") for w in workers))
         assert second == ["token-2", "token-2"] and provider.calls == 2
+        # token-2, fetched because token-1 was rejected, is rejected too: no new token now, and no call
+        third = await asyncio.gather(*(w.token_after_rejection({}, "token-2") for w in workers))
+        assert third == [None, None] and provider.calls == 2
         # a new token is pushed to every worker without being asked for
+        await asyncio.sleep(0.3)  # past the manager's rejection pause
         await manager.token_after_rejection(None, "token-2")
         await asyncio.sleep(0.05)
         assert [await w.token_for({}) for w in workers] == ["token-3", "token-3"]

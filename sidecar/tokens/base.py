@@ -87,8 +87,11 @@ class Authorizer(Protocol):
 
     async def token_for(self, headers: Mapping[str, str]) -> str: ...
 
-    async def token_after_rejection(self, headers: Mapping[str, str], rejected: str) -> str:
-        """The upstream said 401 to `rejected`: return a newer token (one refresh however many ask)."""
+    async def token_after_rejection(self, headers: Mapping[str, str], rejected: str) -> str | None:
+        """The upstream said 401 to `rejected`: a newer token to replay the request with, or None, meaning
+        "no new token now: answer the caller with the upstream's rejection". At most one identity-provider
+        call per rejected token however many ask; tokens/manager.py also pauses these calls while the
+        upstream rejects tokens fresh from the provider."""
         ...
 
     def seconds_until_expiry(self) -> float | None: ...

@@ -1,9 +1,18 @@
-"""TokenManager: the one cache and refresh policy for every flow.
+"""TokenManager: the one cache, refresh and identity-provider protection policy for every flow.
 
 It holds the current token, refreshes it in the background before it expires (at the provider's
 refresh-on hint or `expires_on - refresh_margin`, a little earlier by jitter), lets one call reach the
 identity provider however many requests wait (single-flight), keeps serving a still-valid token while the
 provider is down, and retries with capped exponential backoff in a loop that never dies.
+
+Entra throttles a whole application when one client floods it, so every way to the provider is bounded:
+- two fetches start at least `RetryPolicy.min_interval` apart, whoever asks for them;
+- a token that arrives with no usable life left is refused as a failure (the host clock is off, or the
+  provider sent no lifetime), so the loop backs off instead of fetching it again and again;
+- a token the upstream rejects (401) is replaced at most once, however many requests saw it rejected;
+- when the replacement is rejected too, the upstream refuses what the provider issues (wrong audience or
+  app role) and asking again cannot help: `token_after_rejection` says None (the caller gets the upstream's
+  401) for `rejection_pause` seconds, doubling up to `max_rejection_pause` while it goes on.
 """
 
 from __future__ import annotations
@@ -11,12 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from sidecar.tokens.base import AccessToken, IdentityError, TokenProvider
+from sidecar.tokens.claims import unverified_claims
 
 log = logging.getLogger("sidecar.tokens")
 
@@ -26,18 +37,46 @@ EXPIRY_SKEW = 1.0
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    first_delay: float = 1.0
+    """How hard the manager may lean on the identity provider (seconds)."""
+
+    first_delay: float = 1.0  # the backoff after a failure, times `factor` per failure up to max_delay
     max_delay: float = 30.0
     factor: float = 2.0
+    min_interval: float = 1.0  # between the starts of any two fetches
+    rejection_pause: float = 30.0  # no refresh for a rejection once a fresh token was rejected too ...
+    max_rejection_pause: float = 240.0  # ... doubling up to this while the upstream keeps rejecting them
 
     def delay(self, failures: int) -> float:
         base = min(self.max_delay, self.first_delay * self.factor ** max(0, failures - 1))
         return base * random.uniform(0.8, 1.0)
 
+    def next_pause(self, previous: float) -> float:
+        """The rejection pause after one of `previous` seconds (0: the first)."""
+        return min(self.max_rejection_pause, previous * 2) if previous > 0 else self.rejection_pause
+
 
 def usable(token: AccessToken | None) -> bool:
     """Valid for at least EXPIRY_SKEW more seconds: the only tokens ever injected."""
     return token is not None and token.expires_on - time.time() > EXPIRY_SKEW
+
+
+def refuse_if_expired(token: AccessToken) -> AccessToken:
+    """A token with no usable life on arrival is an error, not a token: holding it would make the refresh
+    loop fetch again at once, forever. Its lower bound is EXPIRY_SKEW: shorter tokens could never be injected;
+    longer ones are legitimate in tests (seconds-long lifetimes) and the fetch floor bounds their cost."""
+    now = time.time()
+    if token.expires_on - now > EXPIRY_SKEW:
+        return token
+    raise IdentityError(
+        f"the identity provider's token {'expired' if token.expires_on <= now else 'expires'} at "
+        f"{_utc(token.expires_on)} and the local time is {_utc(now)}: it is not used",
+        retryable=True,
+        hint="check the host clock (NTP sync); or the identity provider sent no lifetime (expires_in)",
+    )
+
+
+def _utc(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
 
 
 class HeldToken:
@@ -100,6 +139,13 @@ class TokenManager(HeldToken):
         self._loop_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._listeners: list[Callable[[AccessToken], None]] = []
+        self._last_fetch = -math.inf  # when the last fetch started (monotonic): the floor counts from it
+        # What the rejection policy remembers. Tokens are compared by value: the proxy hands back the string.
+        self._refreshed_for: str | None = None  # the last rejected token that cost a fetch
+        self._replacement: str | None = None  # the token that fetch gave ...
+        self._replaced_at = -math.inf  # ... and when (monotonic): it is "fresh" for rejection_pause seconds
+        self._pause = 0.0  # the length of the last rejection pause
+        self._paused_until = -math.inf  # no fetch for a rejection before this (monotonic)
 
     def add_listener(self, listener: Callable[[AccessToken], None]) -> None:
         """Call `listener` with every new token (worker processes get theirs pushed this way)."""
@@ -144,11 +190,60 @@ class TokenManager(HeldToken):
             return current.token  # the hot path: no awaits, no thread hop
         return (await self.get()).token
 
-    async def token_after_rejection(self, headers: Mapping[str, str] | None, rejected: str) -> str:
+    async def token_after_rejection(self, headers: Mapping[str, str] | None, rejected: str) -> str | None:
+        """The upstream answered 401 to `rejected`: a newer token to replay with, or None for "no new token
+        now, give the caller the upstream's answer" (see replacement_for)."""
+        token = await self.replacement_for(rejected)
+        return None if token is None else token.token
+
+    async def replacement_for(self, rejected: str) -> AccessToken | None:
+        """A token to use instead of `rejected`, or None: no new token now.
+
+        In order: a valid newer token is held already (free); within a rejection pause, None; the held token
+        has expired meanwhile, a token as for any request; a fetch in flight is joined (free); the replacement
+        itself rejected while fresh starts a pause (None); else one fetch for this token, never a second."""
         current = self._current
         if current is not None and current.token != rejected and usable(current):
-            return current.token  # someone already replaced the rejected token
-        return (await self._refresh_once(self._max_wait)).token
+            return current  # someone already replaced the rejected token: it costs nothing
+        if time.monotonic() < self._paused_until:
+            return None
+        if current is None or current.token != rejected:
+            return await self.get()  # the held token is no longer valid: a new one is needed anyway
+        if self._inflight is None:
+            if rejected == self._replacement and time.monotonic() - self._replaced_at < self._retry.rejection_pause:
+                self._pause_rejections(rejected)
+                return None
+            if rejected == self._refreshed_for:
+                # Its one fetch failed (the refresh loop retries with backoff) or gave the same token back.
+                if self._last_error is not None:
+                    raise self._last_error
+                return None
+            if self._last_error is not None and time.monotonic() < self._next_attempt:
+                raise self._last_error  # the provider failed moments ago
+        self._refreshed_for = rejected
+        token = await self._refresh_once(self._max_wait)  # joins a fetch in flight: one for every caller
+        if token.token == rejected:
+            return None
+        self._replacement, self._replaced_at = token.token, time.monotonic()
+        return token
+
+    def _pause_rejections(self, rejected: str) -> None:
+        """A fresh token was rejected: the upstream refuses what the provider issues; stop asking for a while."""
+        now = time.monotonic()
+        # the pause grows while the upstream keeps rejecting: each pause starts soon after the last one ended
+        self._pause = self._retry.next_pause(
+            self._pause if now - self._paused_until < self._retry.max_rejection_pause else 0.0
+        )
+        self._paused_until = now + self._pause
+        self._replacement = None  # after the pause, one more fetch for the next rejection
+        audience = unverified_claims(rejected).get("aud")
+        log.warning(
+            "the upstream rejects tokens fresh from the identity provider%s: no new token for a rejection for "
+            "%.3g s (callers get the upstream's 401). Check that auth.scope names the upstream's Application ID "
+            "URI and that the identity has the app role the upstream requires",
+            f" (audience {audience!r})" if audience else "",
+            self._pause,
+        )
 
     async def get(self) -> AccessToken:
         """A valid token: the cached one, or a fresh one if none is valid (single-flight)."""
@@ -179,44 +274,51 @@ class TokenManager(HeldToken):
             raise IdentityError(pending, retryable=True) from None
 
     async def _fetch_into(self, future: asyncio.Future[AccessToken]) -> None:
-        started = time.monotonic()
-        issued_at = time.time()
+        """One fetch for everyone waiting on `future`, started no sooner than the floor allows."""
         try:
-            token = await self.provider.fetch()
-        except IdentityError as exc:
-            self._record_failure(exc, started)
-            if not future.done():
-                future.set_exception(exc)
-        except Exception as exc:  # a provider bug must not kill the refresh loop; say what happened
-            log.exception("token flow %s failed unexpectedly", self.flow)
-            error = IdentityError(f"{type(exc).__name__}: {exc}", retryable=True)
+            floor = self._last_fetch + self._retry.min_interval - time.monotonic()
+            if floor > 0:
+                await asyncio.sleep(floor)  # waiters keep joining this fetch meanwhile
+            self._last_fetch = started = time.monotonic()
+            issued_at = time.time()
+            try:
+                token = refuse_if_expired(await self.provider.fetch())
+            except IdentityError as exc:
+                error = exc
+            except Exception as exc:  # a provider bug must not kill the refresh loop; say what happened
+                log.exception("token flow %s failed unexpectedly", self.flow)
+                error = IdentityError(f"{type(exc).__name__}: {exc}", retryable=True)
+            else:
+                self._accept(token, issued_at, started)
+                if not future.done():
+                    future.set_result(token)
+                return
             self._record_failure(error, started)
             if not future.done():
                 future.set_exception(error)
-        else:
-            self._current = token
-            self._refresh_due = refresh_at(token, self._margin, issued_at)
-            self._last_error = None
-            self._failures = 0
-            self._next_attempt = 0.0
-            self._observe("success", started)
-            log.info(
-                "token acquired (flow=%s, expires in %.0f s, next refresh in %.0f s)",
-                self.flow,
-                token.seconds_left(),
-                self._refresh_due - time.time(),
-            )
-            for listener in self._listeners:
-                try:
-                    listener(token)
-                except Exception:  # a listener must not break the refresh
-                    log.exception("token listener failed")
-            if not future.done():
-                future.set_result(token)
         finally:
             if self._inflight is future:
                 self._inflight = None
             self._wake.set()
+
+    def _accept(self, token: AccessToken, issued_at: float, started: float) -> None:
+        self._current = token
+        self._refresh_due = refresh_at(token, self._margin, issued_at)
+        self._last_error = None
+        self._failures = 0
+        self._next_attempt = 0.0
+        self._observe("success", started)
+        log.info(
+            "token acquired (flow=%s, expires in %.0f s, next refresh in %.0f s)",
+            self.flow,
+            token.seconds_left(),
+            self._refresh_due - time.time(),
+        )
+        for listener in self._listeners:
+            try:
+                listener(token)
+            except Exception:  # a listener must not break the refresh
+                log.exception("token listener failed")
 
     def _record_failure(self, error: IdentityError, started: float) -> None:
         self._last_error = error
@@ -261,11 +363,14 @@ class TokenManager(HeldToken):
             if delay <= 0:
                 return
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                # an on-demand refresh (401 replay, cold request) wakes us to recompute the schedule
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
-                continue
-            return
+            try:
+                # an on-demand refresh (401 replay, cold request) wakes us to recompute the schedule.
+                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation (aclose) that
+                # arrives just as the wake-up does, and the loop slept on for the whole refresh interval.
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+            except TimeoutError:
+                return
 
 
 def _consume(task: asyncio.Task[None]) -> None:
