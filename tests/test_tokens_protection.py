@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from harness import StartSidecar, config_for, wait_ready
 
-from sidecar.emulators import Stack
+from sidecar_emulators import Stack
 
 CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-06-01"
 BODY = b'{"messages": [{"role": "user", "content": "hi"}]}'
