@@ -20,10 +20,10 @@ from sidecar.gate import InboundKeys, forwarded, target_problem
 from sidecar.metrics import Metrics
 from sidecar.proxy import EXCHANGE, Proxy
 from sidecar.routes import route_family
+from sidecar.tls import client_ssl_context
 from sidecar.tokens import build_authorizer
 from sidecar.tokens.base import Authorizer
 from sidecar.tokens.manager import RetryPolicy
-from sidecar.tokens.tls import client_ssl_context
 from sidecar.upstream import Pool
 
 log = logging.getLogger("sidecar")

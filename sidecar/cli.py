@@ -88,7 +88,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from sidecar.tokens.claims import describe
+    from sidecar.claims import describe
 
     settings = _load(args)
     print(f"config ok: flow {settings.auth.flow.value}, scope {settings.auth.scope}, upstream {settings.upstream.url}")

@@ -17,11 +17,11 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from sidecar.claims import unverified_claims
 from sidecar.errors import error_response, identity_error_response
 from sidecar.metrics import Metrics
 from sidecar.routes import route_family
 from sidecar.tokens.base import Authorizer, IdentityError
-from sidecar.tokens.claims import unverified_claims
 from sidecar.upstream import (
     ConnectError,
     ConnectTimeout,

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from harness import config_for, run_cli, start_serve, stop_serve, write_config
 
-from sidecar.tokens.claims import unverified_claims
+from sidecar.claims import unverified_claims
 from sidecar_emulators import Stack
 
 

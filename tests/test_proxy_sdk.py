@@ -12,8 +12,8 @@ import pytest
 from harness import StartSidecar, config_for
 from openai import AsyncAzureOpenAI, AzureOpenAI
 
+from sidecar.claims import unverified_claims
 from sidecar.server import RunningSidecar
-from sidecar.tokens.claims import unverified_claims
 from sidecar_emulators import Scripted, Stack
 
 API_VERSION = "2024-06-01"

@@ -15,10 +15,10 @@ import pytest
 import yaml
 from harness import _WATCH, config_for, start_serve
 
+from sidecar.claims import unverified_claims
 from sidecar.config import ConfigError, load_config
 from sidecar.token_channel import ChannelAuthorizer, TokenBroker
 from sidecar.tokens.base import AccessToken, IdentityError
-from sidecar.tokens.claims import unverified_claims
 from sidecar.tokens.manager import RetryPolicy, TokenManager
 from sidecar_emulators import Stack
 

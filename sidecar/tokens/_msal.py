@@ -14,8 +14,8 @@ import msal
 import requests
 
 from sidecar.config import EntraAppAuth, TlsConfig
+from sidecar.tls import PinnedCASession
 from sidecar.tokens.base import AccessToken, IdentityError
-from sidecar.tokens.tls import PinnedCASession
 
 T = TypeVar("T")
 

@@ -22,10 +22,10 @@ from urllib.parse import urlsplit
 import aiohttp
 import jwt
 
+from sidecar.claims import unverified_claims
 from sidecar.config import OnBehalfOfAuth, TlsConfig
+from sidecar.tls import IDP_TIMEOUT, client_ssl_context
 from sidecar.tokens.base import IdentityError
-from sidecar.tokens.claims import unverified_claims
-from sidecar.tokens.tls import IDP_TIMEOUT, client_ssl_context
 
 log = logging.getLogger("sidecar.tokens")
 

@@ -26,8 +26,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from sidecar.claims import unverified_claims
 from sidecar.tokens.base import AccessToken, IdentityError, TokenProvider
-from sidecar.tokens.claims import unverified_claims
 
 log = logging.getLogger("sidecar.tokens")
 

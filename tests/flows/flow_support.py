@@ -32,7 +32,7 @@ from aiohttp import web
 from harness import _WATCH, merge
 from openai import AsyncAzureOpenAI
 
-from sidecar.tokens.tls import PinnedCASession
+from sidecar.tls import PinnedCASession
 from sidecar.tokens.token_cache import PersistentTokenCache
 from sidecar_emulators import ManagedIdentityEmulator, Stack
 from sidecar_emulators.entra import GRANT_CLIENT_CREDENTIALS, GRANT_JWT_BEARER, GRANT_REFRESH_TOKEN

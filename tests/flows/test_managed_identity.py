@@ -9,10 +9,10 @@ import pytest
 from flow_support import chat, flow_config, sdk, use_env
 from harness import _WATCH, StartSidecar
 
+from sidecar.claims import unverified_claims
 from sidecar.config import Settings
 from sidecar.tokens import build_provider
 from sidecar.tokens.base import TokenProvider
-from sidecar.tokens.claims import unverified_claims
 from sidecar_emulators import ManagedIdentity, ManagedIdentityEmulator, Stack
 
 PROTOCOLS = ("app_service", "imds")

@@ -17,11 +17,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from flow_support import API_VERSION, chat, obo_config, sdk, until
 from harness import StartSidecar, merge
 
+from sidecar.claims import unverified_claims
 from sidecar.config import Settings
 from sidecar.tokens import on_behalf_of
 from sidecar.tokens.base import IdentityError
 from sidecar.tokens.caller_token import CallerTokenValidator
-from sidecar.tokens.claims import unverified_claims
 from sidecar.tokens.on_behalf_of import OnBehalfOfAuthorizer
 from sidecar_emulators import Stack
 from sidecar_emulators.entra import GRANT_JWT_BEARER

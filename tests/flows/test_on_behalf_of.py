@@ -11,8 +11,8 @@ import pytest
 from flow_support import chat, obo_config, sdk, until
 from harness import StartSidecar
 
+from sidecar.claims import unverified_claims
 from sidecar.server import RunningSidecar
-from sidecar.tokens.claims import unverified_claims
 from sidecar_emulators import Stack
 from sidecar_emulators.entra import GRANT_JWT_BEARER
 
