@@ -137,7 +137,12 @@ def _account(
 ) -> None:
     exchange = request.get(EXCHANGE)
     route = exchange.route if exchange else route_family(request.path)
-    status = response.status if response is not None else 499  # 499: the caller went away
+    if response is not None:
+        status = response.status
+    elif exchange is not None and exchange.delivered is not None:
+        status = exchange.delivered  # the caller left after the whole answer: not its error, nor ours
+    else:
+        status = 499  # the caller went away before the answer ended
     metrics.count_request(request.method, status, route, exchange.bytes_in if exchange is not None else 0)
     if access is not None and route != "sidecar":
         access.log(request, route, status, started, exchange)

@@ -68,6 +68,9 @@ class Exchange:
     upstream_status: int | None = None
     bytes_in: int = 0
     bytes_out: int = 0
+    # The status of a response whose every byte was handed to the caller's connection: what is recorded even
+    # if the caller hangs up before the last chunk terminator (the openai SDK does, right after [DONE]).
+    delivered: int | None = None
 
 
 EXCHANGE = web.RequestKey("exchange", Exchange)
@@ -233,13 +236,20 @@ class Proxy:
             while True:
                 exchange.bytes_out += len(data)
                 if upstream.ended:
+                    if not data:
+                        exchange.delivered = upstream.status  # only the end of the body is left to send
                     await response.write_eof(data)  # the last bytes and the end of the body in one write
+                    exchange.delivered = upstream.status
                     break
                 if data:
                     await response.write(data)  # each SSE event goes out as soon as it arrives
                 data = await upstream.next()
+        except asyncio.CancelledError:
+            _delivered_if_ended(upstream, exchange)  # the caller left: had it got everything?
+            raise
         except (UpstreamError, *_CALLER_WRITE_ERRORS, TimeoutError) as exc:
             if isinstance(exc, ConnectionResetError) and _caller_gone(request):
+                _delivered_if_ended(upstream, exchange)
                 raise asyncio.CancelledError from None  # the caller left; nothing to tell it
             if response is None and isinstance(exc, UpstreamError):
                 return _failure_response(exc)  # broken before anything was sent: the caller gets a 502
@@ -287,6 +297,17 @@ async def _read_whole(upstream: Response) -> bytes:
         return b""
     finally:
         upstream.close()
+
+
+def _delivered_if_ended(upstream: Response, exchange: Exchange) -> None:
+    """A caller that leaves once every body byte went out got the whole answer, though the upstream's end of
+    body (the final chunk terminator) may have arrived only as it left."""
+    if exchange.delivered is None:
+        try:
+            if not upstream.ready() and upstream.ended:
+                exchange.delivered = upstream.status
+        except UpstreamError:
+            pass
 
 
 def _caller_gone(request: web.BaseRequest) -> bool:
