@@ -466,3 +466,15 @@ def test_cleartext_upstream_is_refused_unless_named(tmp_path: Path) -> None:
         assert load_config(write(tmp_path, GOOD.replace("https://func.example.net/api", loopback))).upstream.url
     result = run_cli("check", "--config", str(write(tmp_path, insecure)))
     assert result.returncode == 2 and "upstream.allow_insecure" in result.stderr
+
+
+def test_log_level_and_format_in_any_case(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """main refused SIDECAR_LOGGING__LEVEL=debug: only upper case was accepted."""
+    monkeypatch.setenv("SIDECAR_LOGGING__LEVEL", "debug")
+    monkeypatch.setenv("SIDECAR_LOGGING__FORMAT", "JSON")
+    logging_config = load_config(write(tmp_path, GOOD)).logging
+    assert (logging_config.level, logging_config.format) == ("DEBUG", "json")
+    monkeypatch.setenv("SIDECAR_LOGGING__LEVEL", "chatty")
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, GOOD))
+    assert caught.value.problems[0].startswith("logging.level:")
