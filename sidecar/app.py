@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 
+from sidecar import health
 from sidecar.accesslog import AccessLog
 from sidecar.config import Flow, Settings, read_secret_file
 from sidecar.errors import error_response
@@ -29,13 +30,14 @@ from sidecar.upstream import Pool
 log = logging.getLogger("sidecar")
 access_log = logging.getLogger("sidecar.access")
 
-Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+Handler = health.Handler
 
 SETTINGS = web.AppKey("settings", Settings)
 AUTHORIZER = web.AppKey("authorizer", Authorizer)
 METRICS = web.AppKey("metrics", Metrics)
 STATE = web.AppKey("state", dict)
 DISPATCH: web.AppKey[Handler] = web.AppKey("dispatch")
+ADMIN: web.AppKey[Handler] = web.AppKey("admin")  # the admin listener's handler (health, readiness, metrics)
 
 # Raw-path prefixes the sidecar forwards; everything else is its own route or 404.
 FORWARDED_PREFIXES = ("/openai/",)
@@ -58,22 +60,8 @@ def build_dispatch(
     )
     access = AccessLog(access_log) if settings.logging.access_log else None
 
-    async def healthz(request: web.BaseRequest) -> web.Response:
-        return web.json_response({"status": "alive"})
-
-    async def readyz(request: web.BaseRequest) -> web.Response:
-        if state["draining"]:
-            return web.json_response({"status": "draining"}, status=503)
-        if authorizer.is_ready():
-            return web.json_response({"status": "ready", "flow": authorizer.flow})
-        error = getattr(authorizer, "last_error", None)
-        detail = error.one_line() if error is not None else "waiting for the first token"
-        return web.json_response({"status": "not ready", "flow": authorizer.flow, "reason": detail}, status=503)
-
-    async def metrics_endpoint(request: web.BaseRequest) -> web.Response:
-        return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})
-
-    own_routes: dict[str, Handler] = {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics_endpoint}
+    # /metrics moves to the admin listener when there is one: scrapers, not applications, read it
+    own_routes = health.own_routes(state, authorizer, metrics, with_metrics=settings.admin.port is None)
 
     async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
         started = time.monotonic()
@@ -204,6 +192,7 @@ def build_app(
 
     dispatch = build_dispatch(settings, metrics, state, proxy, authorizer)
     app[DISPATCH] = dispatch
+    app[ADMIN] = health.admin_handler(health.own_routes(state, authorizer, metrics))
     app.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=_expect_in_dispatch)
     app.cleanup_ctx.append(lifecycle)
     return app

@@ -16,7 +16,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
 from sidecar.accesslog import batch_access_log
-from sidecar.app import DISPATCH, STATE, build_app
+from sidecar.app import ADMIN, DISPATCH, STATE, build_app
 from sidecar.config import Settings, is_loopback
 from sidecar.tokens.base import Authorizer
 from sidecar.tokens.manager import RetryPolicy
@@ -167,9 +167,15 @@ class RunningSidecar:
     runner: web.AppRunner
     site: GuardedSite
     url: str
+    admin: web.ServerRunner | None = None  # the admin listener (admin.port), if configured
+    admin_url: str | None = None
 
     async def aclose(self) -> None:
-        await self.runner.cleanup()
+        try:
+            await self.runner.cleanup()
+        finally:
+            if self.admin is not None:
+                await self.admin.cleanup()
 
 
 async def start(
@@ -193,10 +199,32 @@ async def start(
     except OSError:
         await runner.cleanup()
         raise
-    port = site.port  # the bound port when the config asked for 0
-    host = settings.listen.host
-    shown = f"[{host}]" if ":" in host else host
-    return RunningSidecar(app, runner, site, f"http://{shown}:{port}")
+    running = RunningSidecar(app, runner, site, _url(settings.listen.host, site.port))
+    if settings.admin.port is not None:
+        try:
+            running.admin, running.admin_url = await _start_admin(app, settings, reuse_port)
+        except OSError:
+            await runner.cleanup()
+            raise
+    return running
+
+
+async def _start_admin(app: web.Application, settings: Settings, reuse_port: bool) -> tuple[web.ServerRunner, str]:
+    """The admin listener: aiohttp's low-level server with the app's health, readiness and metrics handler."""
+    assert settings.admin.port is not None
+    runner = web.ServerRunner(web.Server(app[ADMIN]), access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.admin.host, settings.admin.port, reuse_address=True, reuse_port=reuse_port)
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    return runner, _url(settings.admin.host, site.port)
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 async def serve(
@@ -213,15 +241,16 @@ async def serve(
     `whole_process`: this process does nothing but serve (the CLI, a worker), so process-wide tuning applies.
     """
     running = await start(settings, authorizer=authorizer, reuse_port=reuse_port)
-    app, runner, site = running.app, running.runner, running.site
+    app, site = running.app, running.site
     unbatch = batch_access_log(asyncio.get_running_loop())
     if not reuse_port:  # a worker: the parent says this once for all of them
         warn_if_exposed(settings)
         log.info(
-            "sidecar listening on %s -> %s (flow %s)",
+            "sidecar listening on %s -> %s (flow %s)%s",
             running.url,
             settings.upstream.url,
             settings.auth.flow.value,
+            f"; admin (health, readiness, metrics) on {running.admin_url}" if running.admin_url else "",
         )
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -237,7 +266,7 @@ async def serve(
         await drain(app, site, settings.shutdown_grace)
     finally:
         try:
-            await runner.cleanup()  # a second SIGTERM meanwhile (a worker gets one from its parent too) is absorbed
+            await running.aclose()  # a second SIGTERM meanwhile (a worker gets one from its parent too) is absorbed
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)

@@ -117,6 +117,14 @@ class InboundConfig(_Section):
     api_keys: list[SecretStr] = Field(default_factory=list)
 
 
+class AdminConfig(_Section):
+    """A second listener for probes and scrapers: /healthz, /readyz and /metrics only, never the proxy.
+    Off (no port) by default; the container image turns it on at 0.0.0.0:9090."""
+
+    host: str = "127.0.0.1"
+    port: int | None = Field(None, ge=0, le=65535)
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"

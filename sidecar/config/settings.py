@@ -25,6 +25,7 @@ from sidecar.config.auth import AUTH_MODELS, AuthConfig
 from sidecar.config.sections import (
     CONFIG_PATH_ENV,
     ENV_PREFIX,
+    AdminConfig,
     ConfigError,
     Flow,
     InboundConfig,
@@ -45,6 +46,7 @@ class Settings(BaseSettings):
     )
 
     listen: ListenConfig = Field(default_factory=ListenConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
     upstream: UpstreamConfig
     tls: TlsConfig = Field(default_factory=TlsConfig)
     auth: AuthConfig

@@ -1,0 +1,46 @@
+"""The admin listener (admin.port): health, readiness and metrics for probes and scrapers, never the proxy."""
+
+from __future__ import annotations
+
+import aiohttp
+from harness import StartSidecar, config_for, wait_ready
+from prometheus_client.parser import text_string_to_metric_families
+
+from sidecar_emulators import Stack
+
+CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-06-01"
+
+
+async def test_admin_port_serves_health_readiness_metrics_and_refuses_the_proxy(
+    stack: Stack, run_sidecar: StartSidecar
+) -> None:
+    running = await run_sidecar(config_for(stack, admin={"host": "127.0.0.1", "port": 0}))
+    await wait_ready(running)
+    assert running.admin_url is not None and running.admin_url != running.url
+    async with aiohttp.ClientSession() as http:
+        async with http.post(running.url + CHAT, json={"messages": []}) as response:
+            assert response.status == 200
+        for path in ("/healthz", "/readyz"):
+            for base in (running.admin_url, running.url):  # the main listener keeps its probes
+                async with http.get(base + path) as response:
+                    assert response.status == 200, (base, path)
+        async with http.get(running.admin_url + "/metrics") as response:
+            assert response.status == 200
+            families = {f.name: f for f in text_string_to_metric_families(await response.text())}
+        (sample,) = [s for s in families["sidecar_requests"].samples if s.labels.get("route") == "chat.completions"]
+        assert sample.value == 1
+        # the proxy is not on the admin port, whatever the method or target; /metrics moved off the main port
+        before = len(stack.upstream.requests)
+        for method, path in (("POST", CHAT), ("GET", "/openai/models"), ("GET", "/")):
+            async with http.request(method, running.admin_url + path) as response:
+                assert response.status == 404, (method, path)
+        assert len(stack.upstream.requests) == before
+        async with http.get(running.url + "/metrics") as response:
+            assert response.status == 404
+
+
+async def test_without_an_admin_port_metrics_stay_on_the_main_listener(stack: Stack, run_sidecar: StartSidecar) -> None:
+    running = await run_sidecar(config_for(stack))
+    assert running.admin_url is None
+    async with aiohttp.ClientSession() as http, http.get(running.url + "/metrics") as response:
+        assert response.status == 200
