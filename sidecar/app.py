@@ -6,6 +6,7 @@ A request's path: `dispatch` (the gate: target and inbound key; routes, access l
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -13,7 +14,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from sidecar import health
+from sidecar import doctor, health
 from sidecar.accesslog import AccessLog
 from sidecar.config import Flow, Settings, read_secret_file
 from sidecar.errors import error_response
@@ -23,7 +24,7 @@ from sidecar.proxy import EXCHANGE, Proxy
 from sidecar.routes import route_family
 from sidecar.tls import client_ssl_context
 from sidecar.tokens import build_authorizer
-from sidecar.tokens.base import Authorizer
+from sidecar.tokens.base import Authorizer, IdentityError
 from sidecar.tokens.manager import RetryPolicy
 from sidecar.upstream import Pool
 
@@ -184,9 +185,12 @@ def build_app(
         )
         proxy.attach(pool)
         await authorizer.start()
+        probe = asyncio.create_task(_probe_once_ready(settings, authorizer, pool)) if settings.upstream.probe else None
         try:
             yield
         finally:
+            if probe is not None:
+                probe.cancel()
             await authorizer.aclose()
             await pool.close()
 
@@ -196,6 +200,18 @@ def build_app(
     app.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=_expect_in_dispatch)
     app.cleanup_ctx.append(lifecycle)
     return app
+
+
+async def _probe_once_ready(settings: Settings, authorizer: Authorizer, pool: Pool) -> None:
+    """At start-up, with the first token (the fetch every request waits for, not another one): one request to
+    the upstream, one log line on what it means (sidecar/doctor.py). Without a token (an identity-provider
+    failure is logged where it happens; per-caller flows have none to try) it says nothing."""
+    try:
+        token = await authorizer.token_for({})
+    except IdentityError:
+        return
+    diagnosis = await doctor.probe(pool, settings.upstream.url, token, settings.auth.audience)
+    (log.info if diagnosis.ok else log.warning)("start-up check: %s", diagnosis.line)
 
 
 async def not_found(request: web.BaseRequest) -> web.Response:

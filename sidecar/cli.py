@@ -98,7 +98,32 @@ def cmd_check(args: argparse.Namespace) -> int:
     print("token acquired; its claims:")
     for name, value in describe(token):
         print(f"  {name:<18} {value}")
-    return EXIT_OK
+    if not args.upstream:
+        return EXIT_OK
+    if note:  # the token shown is not one the upstream would get: callers bring their own
+        print("upstream not checked: this flow's upstream tokens belong to callers")
+        return EXIT_OK
+    diagnosis = _run(_probe_upstream(settings, token))
+    print(diagnosis.line)
+    return EXIT_OK if diagnosis.ok else EXIT_TOKEN
+
+
+async def _probe_upstream(settings: Settings, token: str) -> Any:
+    from sidecar import doctor
+    from sidecar.tls import client_ssl_context
+    from sidecar.upstream import Pool
+
+    upstream = settings.upstream
+    pool = Pool(
+        upstream.url,
+        client_ssl_context(settings.tls.ca_bundle),
+        connect_timeout=upstream.connect_timeout,
+        read_timeout=upstream.read_timeout,
+    )
+    try:
+        return await doctor.probe(pool, upstream.url, token, settings.auth.audience)
+    finally:
+        await pool.close()
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -183,9 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
         ("check", cmd_check, "validate the config, get one token and print its claims (never the token)"),
         ("token", cmd_token, "print a raw access token on stdout"),
     ):
-        command(name, function, help_text).add_argument(
+        sub = command(name, function, help_text)
+        sub.add_argument(
             "--config", help="YAML config file (default: $SIDECAR_CONFIG; every key can also come from env)"
         )
+        if name == "check":
+            sub.add_argument(
+                "--upstream",
+                action="store_true",
+                help="also send one request to the upstream with the token and say what its answer means",
+            )
     demo = command("demo", cmd_demo, "run an offline demo against local emulators (needs the emulators distribution)")
     demo.add_argument("--chunk-delay", type=float, default=0.15, help="seconds between streamed chunks")
     login = command("login", cmd_login, "sign in as a user (device code, or --browser) and save the token cache")

@@ -60,7 +60,8 @@ class Stack:
         listening on a free loopback port."""
         return {
             "listen": {"host": "127.0.0.1", "port": 0},
-            "upstream": {"url": self.upstream_url},
+            # probe: the start-up check adds a request the tests and the demo would count; on by default elsewhere
+            "upstream": {"url": self.upstream_url, "probe": False},
             "tls": {"ca_bundle": str(self.ca_pem_path)},
             "auth": {
                 "flow": "client_credentials",

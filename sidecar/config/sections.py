@@ -74,6 +74,8 @@ class UpstreamConfig(_Section):
     headers_files: dict[str, Path] = Field(default_factory=dict)
     # http:// to anything but loopback sends the token in cleartext: refused unless asked for by name.
     allow_insecure: bool = False
+    # At start-up, one GET of the models list with the first token, and one log line on what the answer means.
+    probe: bool = True
     # Bytes of small request bodies all requests together keep for replaying once after an upstream 401.
     replay_buffer: int = Field(64 * 1024 * 1024, ge=0)
 
