@@ -9,16 +9,20 @@ plain integers need no lock.
 
 from __future__ import annotations
 
-import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
+from http import HTTPStatus
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
 
+from sidecar import __version__
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
+_CODES = frozenset(int(status) for status in HTTPStatus) | {499}  # 499: the caller left before the answer ended
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -47,7 +51,7 @@ class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, str, str], int] = {}  # (method, status class, route) -> count
+        self.requests: dict[tuple[str, int, str], int] = {}  # (method, status code or 0, route) -> count
         self.upstream_latency: dict[str, Histogram] = {}
         self.upstream_ttfb: dict[str, Histogram] = {}
         self.active_streams = 0
@@ -58,11 +62,16 @@ class Metrics:
         self._expiry: Callable[[], float | None] = lambda: None
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_Collector(self))
+        # the process's own: resident memory, CPU, descriptors (process_*), the interpreter and its collector
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
 
     # -- the request path: plain arithmetic --------------------------------------------------------
 
     def count_request(self, method: str, status: int, route: str, bytes_in: int) -> None:
-        key = (method, f"{status // 100}xx", route)
+        # bounded labels: any method or status a caller or an upstream sends beyond the standard ones is "other"
+        key = (method if method in _METHODS else "other", status if status in _CODES else 0, route)
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
         self.bytes_in += bytes_in
@@ -126,11 +135,11 @@ class _Collector:
         m = self._m
         requests = CounterMetricFamily(
             "sidecar_requests",
-            "Requests answered, by method, status class and route family",
-            labels=["method", "status_class", "route"],
+            "Requests answered, by method, status code (standard codes; anything else: other) and route family",
+            labels=["method", "code", "route"],
         )
-        for labels, count in m.requests.items():
-            requests.add_metric(list(labels), count)
+        for (method, code, route), count in m.requests.items():
+            requests.add_metric([method, str(code) if code else "other", route], count)
         yield requests
         yield _histograms(
             "sidecar_upstream_duration_seconds",
@@ -161,6 +170,9 @@ class _Collector:
             "flow",
             m.idp_latency,
         )
+        build = GaugeMetricFamily("sidecar_build_info", "The running sidecar's version", labels=["version"])
+        build.add_metric([__version__], 1)
+        yield build
         yield GaugeMetricFamily(
             "sidecar_token_expires_in_seconds",
             "Seconds until the current token expires (-1 if none)",
@@ -173,7 +185,3 @@ def _histograms(name: str, documentation: str, label: str, by_label: dict[str, H
     for value, histogram in by_label.items():
         family.add_metric([value], histogram.buckets(), histogram.total)
     return family
-
-
-def now() -> float:
-    return time.monotonic()

@@ -12,6 +12,7 @@ import aiohttp
 from harness import _WATCH, StartSidecar, config_for, start_serve, stop_serve, wait_ready
 from prometheus_client.parser import text_string_to_metric_families
 
+from sidecar import __version__
 from sidecar.server import RunningSidecar
 from sidecar_emulators import Scripted, Stack
 
@@ -37,6 +38,9 @@ async def test_metrics_families_with_bounded_labels(stack: Stack, sidecar: Runni
             if i % 100 == 0:
                 async with http.get(sidecar.url + f"/unknown/{i}") as response:
                     await response.read()
+                # methods beyond the standard set (WebDAV ones the parser knows): one "other" label
+                async with http.request(("PROPFIND", "MKCOL", "LOCK")[i % 3], sidecar.url + "/healthz") as response:
+                    await response.read()
         families = await scrape(http, sidecar.url)
     for name in (
         "sidecar_requests",
@@ -48,17 +52,27 @@ async def test_metrics_families_with_bounded_labels(stack: Stack, sidecar: Runni
         "sidecar_token_acquisitions",
         "sidecar_identity_provider_duration_seconds",
         "sidecar_token_expires_in_seconds",
+        "sidecar_build_info",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "python_info",
+        "python_gc_objects_collected",
     ):
         assert name in families, name
     series = sum(len(samples) for samples in families.values())
     assert series < 200, f"{series} series after 1,000 distinct paths"
     labels = {json.dumps(sample.labels, sort_keys=True) for samples in families.values() for sample in samples}
     assert not any("dep-" in label or "agent-" in label or "/unknown" in label for label in labels)
-    requests = {(s.labels["route"], s.labels["status_class"]): s.value for s in families["sidecar_requests"]
-                if s.name == "sidecar_requests_total"}  # fmt: skip
-    assert requests[("chat.completions", "2xx")] >= 1
-    assert sum(v for (route, _), v in requests.items() if route == "chat.completions") == 1001
-    assert requests[("not_found", "4xx")] == 10
+    requests = {(s.labels["route"], s.labels["method"], s.labels["code"]): s.value
+                for s in families["sidecar_requests"] if s.name == "sidecar_requests_total"}  # fmt: skip
+    assert requests[("chat.completions", "POST", "200")] == 1
+    assert sum(v for (route, _, _), v in requests.items() if route == "chat.completions") == 1001
+    assert requests[("not_found", "GET", "404")] == 10
+    assert requests.get(("sidecar", "other", "404")) == 10, requests
+    (build,) = families["sidecar_build_info"]
+    assert build.labels == {"version": __version__} and build.value == 1
+    (rss,) = families["process_resident_memory_bytes"]
+    assert 10e6 < rss.value < 500e6
     acquisitions = [s for s in families["sidecar_token_acquisitions"] if s.name.endswith("_total")]
     assert [(s.labels["flow"], s.labels["outcome"], s.value) for s in acquisitions] == [
         ("client_credentials", "success", 1.0)

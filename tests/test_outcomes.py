@@ -42,7 +42,7 @@ async def test_complete_sdk_streams_are_never_recorded_as_499(
     await asyncio.sleep(0.3)  # the last handler's accounting runs when the caller's hang-up is noticed
     metrics = running.app[METRICS]
     recorded = {key: count for key, count in metrics.requests.items() if key[2] == "chat.completions"}
-    assert recorded == {("POST", "2xx", "chat.completions"): 30}
+    assert recorded == {("POST", 200, "chat.completions"): 30}
     assert statuses(caplog).count(200) == 30 and 499 not in statuses(caplog)
 
 
@@ -64,4 +64,4 @@ async def test_a_caller_that_leaves_mid_stream_is_499(
             break
         await asyncio.sleep(0.05)
     assert statuses(caplog) == [499]
-    assert running.app[METRICS].requests == {("POST", "4xx", "chat.completions"): 1}
+    assert running.app[METRICS].requests == {("POST", 499, "chat.completions"): 1}
