@@ -22,7 +22,9 @@ from aiohttp import web
 
 from sidecar.proxy import Exchange
 
-_MESSAGE = "%s %s %s %d %.1fms"
+# method route status duration, then key=value fields ("-" when absent): greppable, and stable for parsers
+_NO_EXCHANGE = Exchange()  # requests the sidecar answered itself: nothing went upstream
+_MESSAGE = "%s %s %d %.1fms ttfb=%s in=%d out=%d request_id=%s apim_request_id=%s upstream_request_id=%s region=%s"
 
 
 class AccessLog:
@@ -46,8 +48,11 @@ class AccessLog:
         if not logger.isEnabledFor(logging.INFO):
             return
         headers = request.headers
-        client_id = headers.get("x-ms-client-request-id")
+        request_id = headers.get("x-ms-client-request-id") or headers.get("x-request-id")
         elapsed_ms = (time.monotonic() - started) * 1000
+        exchange = exchange or _NO_EXCHANGE
+        ttfb_ms = None if exchange.ttfb is None else round(exchange.ttfb * 1000, 2)
+        apim, upstream_id, region = exchange.upstream_ids
         method = request.method
         created = time.time()
         record = logging.LogRecord.__new__(logging.LogRecord)
@@ -57,16 +62,32 @@ class AccessLog:
             created=created,
             msecs=int((created - int(created)) * 1000) + 0.0,
             relativeCreated=(created - self._start_time) * 1000,
-            args=(method, route, client_id or "-", status, elapsed_ms),
+            args=(
+                method,
+                route,
+                status,
+                elapsed_ms,
+                "-" if ttfb_ms is None else f"{ttfb_ms:.1f}ms",
+                exchange.bytes_in,
+                exchange.bytes_out,
+                request_id or "-",
+                apim or "-",
+                upstream_id or "-",
+                region or "-",
+            ),
             # the JSON format's fields (sidecar.logs._ACCESS_FIELDS)
-            request_id=client_id or headers.get("x-request-id"),
+            request_id=request_id,
             method=method,
             route=route,
             status=status,
             duration_ms=round(elapsed_ms, 2),
-            bytes_in=exchange.bytes_in if exchange else 0,
-            bytes_out=exchange.bytes_out if exchange else 0,
-            upstream_status=exchange.upstream_status if exchange else None,
+            ttfb_ms=ttfb_ms,
+            bytes_in=exchange.bytes_in,
+            bytes_out=exchange.bytes_out,
+            upstream_status=exchange.upstream_status,
+            apim_request_id=apim,
+            upstream_request_id=upstream_id,
+            region=region,
         )
         logger.handle(record)
 

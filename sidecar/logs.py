@@ -17,9 +17,13 @@ _ACCESS_FIELDS = (
     "route",
     "status",
     "duration_ms",
+    "ttfb_ms",
     "bytes_in",
     "bytes_out",
     "upstream_status",
+    "apim_request_id",
+    "upstream_request_id",
+    "region",
 )
 
 

@@ -66,8 +66,11 @@ class Exchange:
     started: float = field(default_factory=time.monotonic)
     route: str = "other"
     upstream_status: int | None = None
+    ttfb: float | None = None  # seconds from sending upstream to its response head
     bytes_in: int = 0
     bytes_out: int = 0
+    # The upstream's ids for this exchange (what Microsoft support asks for): apim-request-id, x-request-id, region
+    upstream_ids: tuple[str | None, str | None, str | None] = (None, None, None)
     # The status of a response whose every byte was handed to the caller's connection: what is recorded even
     # if the caller hangs up before the last chunk terminator (the openai SDK does, right after [DONE]).
     delivered: int | None = None
@@ -198,7 +201,9 @@ class Proxy:
             stream_length=request.content_length if body is None else None,
         )
         exchange.bytes_in = len(body) if body is not None else (request.content_length or 0)
-        self._metrics.observe_ttfb(exchange.route, time.monotonic() - sent)
+        exchange.ttfb = time.monotonic() - sent
+        self._metrics.observe_ttfb(exchange.route, exchange.ttfb)
+        exchange.upstream_ids = _upstream_ids(upstream.headers)
         return upstream
 
     def _rejection_response(self, upstream: Response, body: bytes, token: str) -> web.Response:
@@ -297,6 +302,19 @@ async def _read_whole(upstream: Response) -> bytes:
         return b""
     finally:
         upstream.close()
+
+
+def _upstream_ids(headers: list[tuple[str, str]]) -> tuple[str | None, str | None, str | None]:
+    apim = request_id = region = None
+    for name, value in headers:
+        lower = name.lower()
+        if lower == "apim-request-id":
+            apim = value
+        elif lower == "x-request-id":
+            request_id = value
+        elif lower == "x-ms-region":
+            region = value
+    return apim, request_id, region
 
 
 def _delivered_if_ended(upstream: Response, exchange: Exchange) -> None:

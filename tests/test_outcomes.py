@@ -4,6 +4,7 @@ were delivered keeps its status whatever the caller does afterwards; 499 only fo
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 import aiohttp
@@ -12,6 +13,7 @@ from harness import StartSidecar, config_for, wait_ready
 from openai import AzureOpenAI
 
 from sidecar.app import METRICS
+from sidecar.logs import JsonFormatter
 from sidecar_emulators import Stack
 
 
@@ -65,3 +67,34 @@ async def test_a_caller_that_leaves_mid_stream_is_499(
         await asyncio.sleep(0.05)
     assert statuses(caplog) == [499]
     assert running.app[METRICS].requests == {("POST", 499, "chat.completions"): 1}
+
+
+async def test_the_access_line_carries_the_callers_and_the_upstreams_ids(
+    stack: Stack, run_sidecar: StartSidecar, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Microsoft support asks for apim-request-id, x-request-id and the region: they are in the line, text and
+    JSON, beside the caller's own id, the time to first byte and the bytes each way."""
+    caplog.set_level(logging.INFO, logger="sidecar.access")
+    running = await run_sidecar(config_for(stack))
+    await wait_ready(running)
+    path = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-06-01"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(running.url + path, json={"messages": []}, headers={"x-request-id": "caller-7"}) as r:
+            assert r.status == 200
+            body = await r.read()
+            apim, upstream_id = r.headers["apim-request-id"], r.headers["x-request-id"]
+    for _ in range(100):
+        records = [record for record in caplog.records if record.name == "sidecar.access"]
+        if records:
+            break
+        await asyncio.sleep(0.02)
+    (record,) = records
+    text = record.getMessage()
+    assert text.startswith("POST chat.completions 200 ")
+    for part in ("request_id=caller-7", f"apim_request_id={apim}", f"upstream_request_id={upstream_id}",
+                 "region=Sweden Central", f"out={len(body)}", "ttfb="):  # fmt: skip
+        assert part in text, (part, text)
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["request_id"] == "caller-7" and entry["apim_request_id"] == apim
+    assert entry["upstream_request_id"] == upstream_id and entry["region"] == "Sweden Central"
+    assert entry["bytes_out"] == len(body) and entry["ttfb_ms"] > 0 and entry["status"] == 200

@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import time
+import uuid
 import zlib
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -33,6 +34,14 @@ __all__ = ["RecordedRequest", "Scripted", "UpstreamEmulator"]
 log = logging.getLogger(__name__)
 
 DEFAULT_MODELS = ("gpt-4o-mini", "text-embedding-3-small", "whisper")
+REGION = "Sweden Central"
+
+
+async def _azure_response_ids(request: web.Request, response: web.StreamResponse) -> None:
+    """The ids Azure OpenAI puts on every answer (what Microsoft support asks for), unless a script set them."""
+    response.headers.setdefault("apim-request-id", str(uuid.uuid4()))
+    response.headers.setdefault("x-request-id", str(uuid.uuid4()))
+    response.headers.setdefault("x-ms-region", REGION)
 
 
 class UpstreamEmulator(Emulator):
@@ -118,6 +127,7 @@ class UpstreamEmulator(Emulator):
     def _build_app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
+        app.on_response_prepare.append(_azure_response_ids)
         return app
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
