@@ -78,6 +78,8 @@ async def _check_token(settings: Settings) -> tuple[str, str | None]:
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _load(args)
     workers = settings.worker_count()
+    if settings.workers == "auto":
+        logging.getLogger("sidecar").info("workers: auto -> %d (the cgroup's CPU quota and memory limit)", workers)
     if workers > 1:
         from sidecar.workers import run_workers
 

@@ -21,6 +21,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from sidecar.config import cgroup
 from sidecar.config.auth import AUTH_MODELS, AuthConfig
 from sidecar.config.sections import (
     CONFIG_PATH_ENV,
@@ -91,10 +92,21 @@ class Settings(BaseSettings):
         values += self.auth.secret_values()
         return [value for value in values if value]
 
-    def worker_count(self) -> int:
-        """How many serving processes: `workers`, with "auto" meaning one per usable CPU."""
+    def worker_count(self, machine: cgroup.Limits | None = None) -> int:
+        """How many serving processes: `workers`, with "auto" meaning one per CPU the cgroup's quota allows,
+        as many as its memory limit holds. An explicit count the memory limit cannot hold is a config error."""
+        machine = machine or cgroup.limits()
+        fitting = cgroup.fitting_workers(machine.memory_mb)
         if self.workers == "auto":
-            return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+            return machine.cpus if fitting is None else min(machine.cpus, fitting)
+        if fitting is not None and self.workers > fitting:
+            needed = cgroup.PARENT_MB + (self.workers - 1) * cgroup.WORKER_MB
+            raise ConfigError(
+                [
+                    f"workers: {self.workers} processes need about {needed} MB and the memory limit is "
+                    f"{machine.memory_mb:.0f} MB; use workers: {fitting} or less (or auto), or raise the limit"
+                ]
+            )
         return int(self.workers)
 
     @classmethod
