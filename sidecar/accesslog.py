@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar.proxy import Exchange
+from sidecar.exchange import Exchange
 
 # method route status duration, then key=value fields ("-" when absent): greppable, and stable for parsers
 _NO_EXCHANGE = Exchange()  # requests the sidecar answered itself: nothing went upstream

@@ -9,18 +9,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import aiohttp
 from aiohttp import web
 
 from sidecar import doctor, health
 from sidecar.accesslog import AccessLog
-from sidecar.config import Flow, Settings, read_secret_file
+from sidecar.backends import Backend, Backends
+from sidecar.config import Flow, Settings, audience_of, read_secret_file
+from sidecar.config.routes import RouteConfig
 from sidecar.errors import error_response
+from sidecar.exchange import EXCHANGE, ReplayBudget
 from sidecar.gate import InboundKeys, forwarded, target_problem
 from sidecar.metrics import Metrics
-from sidecar.proxy import EXCHANGE, Proxy
+from sidecar.proxy import Proxy
 from sidecar.routes import route_family
 from sidecar.tls import client_ssl_context
 from sidecar.tokens import build_authorizer
@@ -40,12 +43,13 @@ STATE = web.AppKey("state", dict)
 DISPATCH: web.AppKey[Handler] = web.AppKey("dispatch")
 ADMIN: web.AppKey[Handler] = web.AppKey("admin")  # the admin listener's handler (health, readiness, metrics)
 
-# Raw-path prefixes the sidecar forwards; everything else is its own route or 404.
-FORWARDED_PREFIXES = ("/openai/",)
-
 
 def build_dispatch(
-    settings: Settings, metrics: Metrics, state: dict[str, object], proxy: Proxy, authorizer: Authorizer
+    settings: Settings,
+    metrics: Metrics,
+    state: dict[str, object],
+    proxies: Sequence[Proxy],
+    authorizers: Sequence[Authorizer],
 ) -> Handler:
     """Every request's one entry point: the gate (request target, inbound key; sidecar/gate.py), the routes,
     the access log and the metrics, in one function.
@@ -62,7 +66,14 @@ def build_dispatch(
     access = AccessLog(access_log) if settings.logging.access_log else None
 
     # /metrics moves to the admin listener when there is one: scrapers, not applications, read it
-    own_routes = health.own_routes(state, authorizer, metrics, with_metrics=settings.admin.port is None)
+    own_routes = health.own_routes(state, authorizers, metrics, with_metrics=settings.admin.port is None)
+    prefixes = tuple(proxy.prefix for proxy in proxies)  # longest first: the most specific route wins
+
+    def route_of(target: str) -> Proxy:
+        for proxy in proxies:
+            if target.startswith(proxy.prefix):
+                return proxy
+        raise AssertionError("forwarded() said a prefix matches")
 
     async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
         started = time.monotonic()
@@ -73,7 +84,7 @@ def build_dispatch(
             problem = target_problem(target)
             if problem is not None:
                 response = error_response(400, *problem, retryable=False)
-            elif forwarded(target, FORWARDED_PREFIXES):
+            elif forwarded(target, prefixes):
                 if keys and not keys.admit(request.headers):
                     response = error_response(
                         401,
@@ -84,7 +95,7 @@ def build_dispatch(
                 else:
                     if "Expect" in request.headers:
                         await expect_continue(request)
-                    response = await proxy.handle(request)
+                    response = await route_of(target).handle(request)
             else:
                 handler = own_routes.get(target.partition("?")[0]) if request.method in ("GET", "HEAD") else None
                 response = await (handler or not_found)(request)
@@ -137,11 +148,29 @@ def _account(
         access.log(request, route, status, started, exchange)
 
 
-def _static_upstream_headers(settings: Settings) -> dict[str, str]:
-    headers = {name: value.get_secret_value() for name, value in settings.upstream.headers.items()}
-    for name, path in settings.upstream.headers_files.items():
+def _static_headers(route: RouteConfig) -> dict[str, str]:
+    headers = {name: value.get_secret_value() for name, value in route.headers.items()}
+    for name, path in route.headers_files.items():
         headers[name] = read_secret_file(path)
     return headers
+
+
+def _authorizers(
+    settings: Settings,
+    routes: Sequence[RouteConfig],
+    metrics: Metrics,
+    given: Authorizer | None,
+    retry: RetryPolicy | None,
+) -> dict[str, Authorizer]:
+    """One authorizer (one token cache) per scope the routes ask for; the same flow and credentials for all."""
+    authorizers: dict[str, Authorizer] = {}
+    for scope in dict.fromkeys(route.scope or settings.auth.scope for route in routes):
+        if scope == settings.auth.scope and given is not None:
+            authorizers[scope] = given
+            continue
+        scoped = settings.model_copy(update={"auth": settings.auth.model_copy(update={"scope": scope})})
+        authorizers[scope] = build_authorizer(scoped, observer=metrics.observe_token, retry=retry)
+    return authorizers
 
 
 def build_app(
@@ -150,7 +179,8 @@ def build_app(
     authorizer: Authorizer | None = None,
     retry: RetryPolicy | None = None,
 ) -> web.Application:
-    """Everything the app needs comes from `settings` (or is handed in for tests): no module state."""
+    """Everything the app needs comes from `settings` (or is handed in for tests): no module state.
+    `authorizer` serves `auth.scope` when given (tests, worker processes)."""
     metrics = Metrics()
     state: dict[str, object] = {"draining": False, "in_flight": 0}
     app = web.Application(
@@ -160,57 +190,77 @@ def build_app(
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[STATE] = state
-    if authorizer is None:
-        authorizer = build_authorizer(settings, observer=metrics.observe_token, retry=retry)
-    app[AUTHORIZER] = authorizer
-    metrics.track_expiry(authorizer.seconds_until_expiry)
-    mirror = getattr(authorizer, "mirror_metrics", None)
+    routes = settings.effective_routes()
+    by_scope = _authorizers(settings, routes, metrics, authorizer, retry)
+    primary = by_scope.get(settings.auth.scope) or next(iter(by_scope.values()))
+    app[AUTHORIZER] = primary
+    metrics.track_expiry(primary.seconds_until_expiry)
+    mirror = getattr(primary, "mirror_metrics", None)
     if mirror is not None:  # a worker process: the token counters are the parent's
         mirror(metrics)
-    proxy = Proxy(
-        authorizer=authorizer,
-        metrics=metrics,
-        extra_headers=_static_upstream_headers(settings),
-        audience=settings.auth.audience,
-        replay_budget=settings.upstream.replay_buffer,
-    )
+    replay = ReplayBudget(settings.upstream.replay_buffer)  # one budget for every route
+    proxies = [
+        Proxy(
+            authorizer=by_scope[route.scope or settings.auth.scope],
+            metrics=metrics,
+            backends=Backends([Backend(b.name or str(i), b.url, b.priority) for i, b in enumerate(route.upstream)]),
+            replay=replay,
+            extra_headers=_static_headers(route),
+            audience=audience_of(route.scope or settings.auth.scope),
+            name=route.prefix,
+        )
+        for route in routes
+    ]
+    probes = [(proxy, route.probe_path) for proxy, route in zip(proxies, routes, strict=True) if route.probe_path]
+    if not settings.upstream.probe:
+        probes = []
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        pool = Pool(
-            settings.upstream.url,
-            client_ssl_context(settings.tls.ca_bundle),
-            connect_timeout=settings.upstream.connect_timeout,
-            read_timeout=settings.upstream.read_timeout,  # idle time between bytes, never a total
-            keepalive_timeout=30.0,
-        )
-        proxy.attach(pool)
-        await authorizer.start()
-        probe = asyncio.create_task(_probe_once_ready(settings, authorizer, pool)) if settings.upstream.probe else None
+        ssl_context = client_ssl_context(settings.tls.ca_bundle)
+        for proxy in proxies:
+            for backend in proxy.backends.all:
+                backend.pool = Pool(
+                    backend.url,
+                    ssl_context,
+                    connect_timeout=settings.upstream.connect_timeout,
+                    read_timeout=settings.upstream.read_timeout,  # idle time between bytes, never a total
+                    keepalive_timeout=30.0,
+                )
+        for each in by_scope.values():
+            await each.start()
+        checks = [asyncio.create_task(_probe_once_ready(proxy, path)) for proxy, path in probes]
         try:
             yield
         finally:
-            if probe is not None:
-                probe.cancel()
-            await authorizer.aclose()
-            await pool.close()
+            for check in checks:
+                check.cancel()
+            for each in by_scope.values():
+                await each.aclose()
+            for proxy in proxies:
+                for backend in proxy.backends.all:
+                    if backend.pool is not None:
+                        await backend.pool.close()
 
-    dispatch = build_dispatch(settings, metrics, state, proxy, authorizer)
+    authorizers = list(by_scope.values())
+    dispatch = build_dispatch(settings, metrics, state, sorted(proxies, key=lambda p: -len(p.prefix)), authorizers)
     app[DISPATCH] = dispatch
-    app[ADMIN] = health.admin_handler(health.own_routes(state, authorizer, metrics))
+    app[ADMIN] = health.admin_handler(health.own_routes(state, authorizers, metrics))
     app.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=_expect_in_dispatch)
     app.cleanup_ctx.append(lifecycle)
     return app
 
 
-async def _probe_once_ready(settings: Settings, authorizer: Authorizer, pool: Pool) -> None:
-    """At start-up, with the first token (the fetch every request waits for, not another one): one request to
-    the upstream, one log line on what it means (sidecar/doctor.py). Without a token (an identity-provider
-    failure is logged where it happens; per-caller flows have none to try) it says nothing."""
+async def _probe_once_ready(proxy: Proxy, path: str) -> None:
+    """At start-up, with the route's first token (the fetch every request waits for, not another one): one
+    request to its first backend, one log line on what it means (sidecar/doctor.py). Without a token (an
+    identity-provider failure is logged where it happens; per-caller flows have none to try) it says nothing."""
     try:
-        token = await authorizer.token_for({})
+        token = await proxy.authorizer.token_for({})
     except IdentityError:
         return
-    diagnosis = await doctor.probe(pool, settings.upstream.url, token, settings.auth.audience)
+    backend = proxy.backends.all[0]
+    assert backend.pool is not None
+    diagnosis = await doctor.probe(backend.pool, backend.url, path, token, proxy.audience)
     (log.info if diagnosis.ok else log.warning)("start-up check: %s", diagnosis.line)
 
 

@@ -93,7 +93,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     from sidecar.claims import describe
 
     settings = _load(args)
-    print(f"config ok: flow {settings.auth.flow.value}, scope {settings.auth.scope}, upstream {settings.upstream.url}")
+    upstreams = ", ".join(f"{route.prefix} -> {route.upstream[0].url}" for route in settings.effective_routes())
+    print(f"config ok: flow {settings.auth.flow.value}, scope {settings.auth.scope}, upstream {upstreams}")
     token, note = _run(_check_token(settings))
     if note:
         print(note)
@@ -105,27 +106,44 @@ def cmd_check(args: argparse.Namespace) -> int:
     if note:  # the token shown is not one the upstream would get: callers bring their own
         print("upstream not checked: this flow's upstream tokens belong to callers")
         return EXIT_OK
-    diagnosis = _run(_probe_upstream(settings, token))
-    print(diagnosis.line)
-    return EXIT_OK if diagnosis.ok else EXIT_TOKEN
+    lines = _run(_probe_routes(settings, token))
+    for _, line in lines:
+        print(line)
+    return EXIT_OK if all(ok for ok, _ in lines) else EXIT_TOKEN
 
 
-async def _probe_upstream(settings: Settings, token: str) -> Any:
+async def _probe_routes(settings: Settings, token: str) -> list[tuple[bool, str]]:
+    """One probe per route (its first backend), with a token for the route's scope: the one `check` got for
+    auth.scope, or one more from the same flow for another scope."""
     from sidecar import doctor
+    from sidecar.config import audience_of
     from sidecar.tls import client_ssl_context
     from sidecar.upstream import Pool
 
-    upstream = settings.upstream
-    pool = Pool(
-        upstream.url,
-        client_ssl_context(settings.tls.ca_bundle),
-        connect_timeout=upstream.connect_timeout,
-        read_timeout=upstream.read_timeout,
-    )
-    try:
-        return await doctor.probe(pool, upstream.url, token, settings.auth.audience)
-    finally:
-        await pool.close()
+    ssl_context = client_ssl_context(settings.tls.ca_bundle)
+    results: list[tuple[bool, str]] = []
+    for route in settings.effective_routes():
+        scope = route.scope or settings.auth.scope
+        if not route.probe_path:
+            results.append((True, f"{route.prefix}: not checked (the route has no probe_path)"))
+            continue
+        if scope != settings.auth.scope:
+            scoped = settings.model_copy(update={"auth": settings.auth.model_copy(update={"scope": scope})})
+            route_token, _ = await _check_token(scoped)
+        else:
+            route_token = token
+        backend = route.upstream[0]
+        timeouts = settings.upstream
+        pool = Pool(
+            backend.url, ssl_context, connect_timeout=timeouts.connect_timeout, read_timeout=timeouts.read_timeout
+        )
+        try:
+            diagnosis = await doctor.probe(pool, backend.url, route.probe_path, route_token, audience_of(scope))
+        finally:
+            await pool.close()
+        prefix = "" if len(settings.effective_routes()) == 1 else f"{route.prefix}: "
+        results.append((diagnosis.ok, prefix + diagnosis.line))
+    return results
 
 
 def cmd_token(args: argparse.Namespace) -> int:

@@ -24,12 +24,12 @@ class Diagnosis:
     line: str
 
 
-async def probe(pool: Pool, upstream_url: str, token: str, expected_audience: str) -> Diagnosis:
-    """GET PROBE_PATH with the token; explain the outcome. `pool` is the app's (or a short-lived) transport."""
-    url = upstream_url.rstrip("/") + PROBE_PATH
+async def probe(pool: Pool, upstream_url: str, path: str, token: str, expected_audience: str) -> Diagnosis:
+    """GET `path` with the token; explain the outcome. `pool` is the app's (or a short-lived) transport."""
+    url = upstream_url.rstrip("/") + path
     host = URL(upstream_url).host
     try:
-        response = await pool.request("GET", PROBE_PATH, [("Authorization", "Bearer " + token)], body=b"")
+        response = await pool.request("GET", path, [("Authorization", "Bearer " + token)], body=b"")
         try:
             body = await response.read()
         finally:

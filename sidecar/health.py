@@ -4,7 +4,7 @@ the proxy."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from aiohttp import web
 
@@ -16,9 +16,10 @@ Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 def own_routes(
-    state: dict[str, object], authorizer: Authorizer, metrics: Metrics, *, with_metrics: bool = True
+    state: dict[str, object], authorizers: Sequence[Authorizer], metrics: Metrics, *, with_metrics: bool = True
 ) -> dict[str, Handler]:
-    """Path -> handler for GET/HEAD; `state["draining"]` makes readiness fail while the process drains."""
+    """Path -> handler for GET/HEAD; `state["draining"]` makes readiness fail while the process drains. Ready
+    means every route's authorizer is (one per scope)."""
 
     async def healthz(request: web.BaseRequest) -> web.Response:
         return web.json_response({"status": "alive"})
@@ -26,8 +27,10 @@ def own_routes(
     async def readyz(request: web.BaseRequest) -> web.Response:
         if state["draining"]:
             return web.json_response({"status": "draining"}, status=503)
-        if authorizer.is_ready():
-            return web.json_response({"status": "ready", "flow": authorizer.flow})
+        waiting = [authorizer for authorizer in authorizers if not authorizer.is_ready()]
+        if not waiting:
+            return web.json_response({"status": "ready", "flow": authorizers[0].flow})
+        authorizer = waiting[0]
         error = getattr(authorizer, "last_error", None)
         detail = error.one_line() if error is not None else "waiting for the first token"
         return web.json_response({"status": "not ready", "flow": authorizer.flow, "reason": detail}, status=503)

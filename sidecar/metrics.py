@@ -52,6 +52,9 @@ class Metrics:
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, int, str], int] = {}  # (method, status code or 0, route) -> count
+        # (configured route prefix, backend name, status code or 0) -> count: bounded by the configuration
+        self.backend_responses: dict[tuple[str, str, int], int] = {}
+        self.cooldowns: dict[tuple[str, str], int] = {}  # (route prefix, backend name) -> times cooled down
         self.upstream_latency: dict[str, Histogram] = {}
         self.upstream_ttfb: dict[str, Histogram] = {}
         self.active_streams = 0
@@ -75,6 +78,14 @@ class Metrics:
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
         self.bytes_in += bytes_in
+
+    def count_backend(self, route: str, backend: str, status: int) -> None:
+        key = (route, backend, status if status in _CODES else 0)
+        self.backend_responses[key] = self.backend_responses.get(key, 0) + 1
+
+    def count_cooldown(self, route: str, backend: str) -> None:
+        key = (route, backend)
+        self.cooldowns[key] = self.cooldowns.get(key, 0) + 1
 
     def observe_ttfb(self, route: str, seconds: float) -> None:
         _histogram(self.upstream_ttfb, route).observe(seconds)
@@ -141,6 +152,22 @@ class _Collector:
         for (method, code, route), count in m.requests.items():
             requests.add_metric([method, str(code) if code else "other", route], count)
         yield requests
+        backends = CounterMetricFamily(
+            "sidecar_backend_responses",
+            "Upstream answers, by configured route prefix, backend and status code",
+            labels=["prefix", "backend", "code"],
+        )
+        for (prefix, backend, code), count in m.backend_responses.items():
+            backends.add_metric([prefix, backend, str(code) if code else "other"], count)
+        yield backends
+        cooldowns = CounterMetricFamily(
+            "sidecar_backend_cooldowns",
+            "Times a backend was set aside after a 429/503 or a failed connection, by route prefix and backend",
+            labels=["prefix", "backend"],
+        )
+        for labels, count in m.cooldowns.items():
+            cooldowns.add_metric(list(labels), count)
+        yield cooldowns
         yield _histograms(
             "sidecar_upstream_duration_seconds",
             "Time from sending upstream to the end of the response",

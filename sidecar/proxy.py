@@ -11,25 +11,30 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from sidecar.backends import (
+    DEFAULT_THROTTLE_COOLDOWN,
+    DEFAULT_UNREACHABLE_COOLDOWN,
+    THROTTLED,
+    AllCooling,
+    Backend,
+    Backends,
+    retry_after,
+)
 from sidecar.claims import unverified_claims
-from sidecar.errors import error_response, identity_error_response
+from sidecar.errors import error_response, identity_error_response, upstream_error_response
+from sidecar.exchange import EXCHANGE, REPLAYABLE_BODY, Exchange, ReplayBudget, upstream_ids
 from sidecar.metrics import Metrics
 from sidecar.routes import route_family
 from sidecar.tokens.base import Authorizer, IdentityError
 from sidecar.upstream import (
     ConnectError,
     ConnectTimeout,
-    OffOrigin,
-    Pool,
-    ReadTimeout,
     Response,
-    Unsendable,
     UpstreamError,
 )
 
@@ -53,30 +58,8 @@ HOP_BY_HOP = frozenset(
 # content-length too: the transport frames the body it sends itself (same length, or chunked when unknown)
 _DROP_FROM_CALLER = HOP_BY_HOP | {"host", "authorization", "api-key", "expect", "content-length"}
 _DROP_FROM_UPSTREAM = HOP_BY_HOP
-# A body this small is kept in memory so the request can be replayed once after an upstream 401.
-REPLAYABLE_BODY = 1024 * 1024
 # The caller gone while we write to it: aiohttp raises ClientConnectionResetError (a ConnectionResetError).
 _CALLER_WRITE_ERRORS = (aiohttp.ClientConnectionError, ConnectionResetError)
-
-
-@dataclass(slots=True)
-class Exchange:
-    """What the access log and the metrics want to know about one proxied request."""
-
-    started: float = field(default_factory=time.monotonic)
-    route: str = "other"
-    upstream_status: int | None = None
-    ttfb: float | None = None  # seconds from sending upstream to its response head
-    bytes_in: int = 0
-    bytes_out: int = 0
-    # The upstream's ids for this exchange (what Microsoft support asks for): apim-request-id, x-request-id, region
-    upstream_ids: tuple[str | None, str | None, str | None] = (None, None, None)
-    # The status of a response whose every byte was handed to the caller's connection: what is recorded even
-    # if the caller hangs up before the last chunk terminator (the openai SDK does, right after [DONE]).
-    delivered: int | None = None
-
-
-EXCHANGE = web.RequestKey("exchange", Exchange)
 
 
 def filter_headers(
@@ -93,47 +76,30 @@ def _connection_values(headers: Iterable[tuple[str, str]]) -> list[str]:
     return [value for name, value in headers if name.lower() == "connection"]
 
 
-class ReplayBudget:
-    """The bytes all requests together may hold in memory for a 401 replay. Past it a request streams without
-    replay, so callers waiting for a token (or a slow upstream) cannot pile up memory."""
-
-    __slots__ = ("_left",)
-
-    def __init__(self, total: int) -> None:
-        self._left = total
-
-    def take(self, size: int) -> bool:
-        if size > self._left:
-            return False
-        self._left -= size
-        return True
-
-    def give(self, size: int) -> None:
-        self._left += size
-
-
 class Proxy:
+    """One route's forwarding: its authorizer (its scope), its backends, its static headers."""
+
     def __init__(
         self,
         *,
         authorizer: Authorizer,
         metrics: Metrics,
+        backends: Backends,
+        replay: ReplayBudget,
         extra_headers: Mapping[str, str] | None = None,
         audience: str = "",
-        replay_budget: int = 64 * REPLAYABLE_BODY,
+        name: str = "/openai/",
     ) -> None:
-        self._authorizer = authorizer
-        self._replay = ReplayBudget(replay_budget)
-        self._pool: Pool | None = None
+        self.authorizer = authorizer
+        self._replay = replay
+        self.backends = backends
+        self.prefix = self.name = name
+        self.audience = audience
         self._metrics = metrics
         # static headers replace any the caller sent under the same name
         self._extra_headers = list((extra_headers or {}).items())
         self._drop_from_caller = _DROP_FROM_CALLER | {name.lower() for name in (extra_headers or {})}
         self._audience = audience
-
-    def attach(self, pool: Pool) -> None:
-        """The app's one upstream connection pool, created when the app starts (it needs a loop)."""
-        self._pool = pool
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         # One flat coroutine for the whole exchange: each level of awaits is paid again on every resume.
@@ -158,16 +124,16 @@ class Proxy:
                 body = await request.read()
             else:
                 body = None
-            token = await self._authorizer.token_for(caller)
-            upstream = await self._send(request, headers, token, body, exchange)
+            token = await self.authorizer.token_for(caller)
+            upstream, backend = await self._send_with_failover(request, headers, token, body, exchange)
             if upstream.status == 401:
                 rejection = await _read_whole(upstream)
                 # The authorizer decides whether a new token is worth an identity-provider call (None: it is not)
-                newer = None if body is None else await self._authorizer.token_after_rejection(caller, token)
+                newer = None if body is None else await self.authorizer.token_after_rejection(caller, token)
                 if newer is not None:
                     log.info("upstream answered 401; replaying once with a new token")
                     token = newer
-                    upstream = await self._send(request, headers, token, body, exchange)
+                    upstream = await self._send(request, headers, token, body, exchange, backend)
                     rejection = await _read_whole(upstream) if upstream.status == 401 else None
                 if rejection is not None:
                     exchange.upstream_status = 401
@@ -177,9 +143,65 @@ class Proxy:
         except IdentityError as exc:
             return identity_error_response(exc)
         except UpstreamError as exc:
-            return _failure_response(exc)
+            return upstream_error_response(exc)
         finally:
             self._replay.give(reserved)
+
+    async def _send_with_failover(
+        self,
+        request: web.BaseRequest,
+        headers: list[tuple[str, str]],
+        token: str,
+        body: bytes | None,
+        exchange: Exchange,
+    ) -> tuple[Response, Backend]:
+        """To the best backend; after a 429/503 or no connection, once more to the next one, when the body is in
+        memory (it can be sent again) and another backend is not cooling. Nothing has reached the caller yet."""
+        backends = self.backends
+        backend = backends.pick()
+        if backend is None:
+            raise AllCooling(backends.smallest_wait())
+        try:
+            upstream = await self._send(request, headers, token, body, exchange, backend)
+        except (ConnectError, ConnectTimeout):
+            if not backends.failover:
+                raise
+            self._cool(backend, DEFAULT_UNREACHABLE_COOLDOWN)
+            retry = backends.pick(exclude=(backend,)) if body is not None else None
+            if retry is None:
+                raise
+            return await self._send_once_more(request, headers, token, body, exchange, retry), retry
+        if upstream.status in THROTTLED and backends.failover:
+            self._cool(backend, retry_after(upstream.headers) or DEFAULT_THROTTLE_COOLDOWN)
+            retry = backends.pick(exclude=(backend,)) if body is not None else None
+            if retry is not None:
+                await _read_whole(upstream)
+                return await self._send_once_more(request, headers, token, body, exchange, retry), retry
+        return upstream, backend
+
+    async def _send_once_more(
+        self,
+        request: web.BaseRequest,
+        headers: list[tuple[str, str]],
+        token: str,
+        body: bytes | None,
+        exchange: Exchange,
+        backend: Backend,
+    ) -> Response:
+        """The one retry: its answer goes to the caller whatever it is, but a 429/503 still cools its backend."""
+        try:
+            upstream = await self._send(request, headers, token, body, exchange, backend)
+        except (ConnectError, ConnectTimeout):
+            self._cool(backend, DEFAULT_UNREACHABLE_COOLDOWN)
+            raise
+        if upstream.status in THROTTLED:
+            self._cool(backend, retry_after(upstream.headers) or DEFAULT_THROTTLE_COOLDOWN)
+        return upstream
+
+    def _cool(self, backend: Backend, seconds: float) -> None:
+        Backends.cool(backend, seconds)
+        self._metrics.count_cooldown(self.name, backend.name)
+        log.info("backend %s of %s cooling down for %.1f s", backend.name, self.name, seconds)
 
     async def _send(
         self,
@@ -188,11 +210,13 @@ class Proxy:
         token: str,
         body: bytes | None,
         exchange: Exchange,
+        backend: Backend,
     ) -> Response:
         sent = time.monotonic()
-        assert self._pool is not None, "Proxy.attach() is called when the app starts"
+        assert backend.pool is not None, "the app's start-up gives every backend its pool"
+        exchange.backend = backend.name
         # raw_path keeps the caller's encoding and query byte-for-byte (api-version, repeated keys)
-        upstream = await self._pool.request(
+        upstream = await backend.pool.request(
             request.method,
             request.raw_path,
             [*headers, ("Authorization", "Bearer " + token)],
@@ -203,7 +227,8 @@ class Proxy:
         exchange.bytes_in = len(body) if body is not None else (request.content_length or 0)
         exchange.ttfb = time.monotonic() - sent
         self._metrics.observe_ttfb(exchange.route, exchange.ttfb)
-        exchange.upstream_ids = _upstream_ids(upstream.headers)
+        exchange.upstream_ids = upstream_ids(upstream.headers)
+        self._metrics.count_backend(self.name, backend.name, upstream.status)
         return upstream
 
     def _rejection_response(self, upstream: Response, body: bytes, token: str) -> web.Response:
@@ -257,7 +282,7 @@ class Proxy:
                 _delivered_if_ended(upstream, exchange)
                 raise asyncio.CancelledError from None  # the caller left; nothing to tell it
             if response is None and isinstance(exc, UpstreamError):
-                return _failure_response(exc)  # broken before anything was sent: the caller gets a 502
+                return upstream_error_response(exc)  # broken before anything was sent: the caller gets a 502
             # Headers are out: the only honest signal left is to cut the connection without a clean end.
             log.warning("upstream failed mid-response (%s); aborting the caller's connection", type(exc).__name__)
             _abort(request)
@@ -279,21 +304,6 @@ class _CoalescingResponse(web.StreamResponse):
     _send_headers_immediately = False
 
 
-def _failure_response(exc: UpstreamError) -> web.Response:
-    """The JSON answer for an upstream that could not be reached or answered nothing usable."""
-    if isinstance(exc, Unsendable):
-        if isinstance(exc, OffOrigin):  # the gate should have refused it: worth a line for whoever maintains it
-            log.warning("refused to send a request off the upstream's origin")
-        return error_response(400, "InvalidRequest", str(exc), retryable=False)
-    if isinstance(exc, ConnectError):
-        return error_response(502, "UpstreamUnreachable", f"cannot connect to the upstream: {exc.os_error}")
-    if isinstance(exc, ConnectTimeout):
-        return error_response(502, "UpstreamUnreachable", "connecting to the upstream timed out")
-    if isinstance(exc, ReadTimeout):
-        return error_response(504, "UpstreamTimeout", "the upstream sent no response within upstream.read_timeout")
-    return error_response(502, "UpstreamError", f"the upstream connection failed: {exc}")
-
-
 async def _read_whole(upstream: Response) -> bytes:
     """A (small) rejection's body, read so the connection can be pooled again; b"" if it broke off."""
     try:
@@ -302,19 +312,6 @@ async def _read_whole(upstream: Response) -> bytes:
         return b""
     finally:
         upstream.close()
-
-
-def _upstream_ids(headers: list[tuple[str, str]]) -> tuple[str | None, str | None, str | None]:
-    apim = request_id = region = None
-    for name, value in headers:
-        lower = name.lower()
-        if lower == "apim-request-id":
-            apim = value
-        elif lower == "x-request-id":
-            request_id = value
-        elif lower == "x-ms-region":
-            region = value
-    return apim, request_id, region
 
 
 def _delivered_if_ended(upstream: Response, exchange: Exchange) -> None:

@@ -248,7 +248,7 @@ async def serve(
         log.info(
             "sidecar listening on %s -> %s (flow %s)%s",
             running.url,
-            settings.upstream.url,
+            ", ".join(f"{route.prefix} -> {route.upstream[0].url}" for route in settings.effective_routes()),
             settings.auth.flow.value,
             f"; admin (health, readiness, metrics) on {running.admin_url}" if running.admin_url else "",
         )

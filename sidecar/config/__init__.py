@@ -23,6 +23,7 @@ from sidecar.config.auth import (
     OnBehalfOfAuth,
     UserSignInAuth,
     WorkloadIdentityAuth,
+    audience_of,
     default_token_cache_path,
 )
 from sidecar.config.sections import (
@@ -71,6 +72,7 @@ __all__ = [
     "UpstreamConfig",
     "UserSignInAuth",
     "WorkloadIdentityAuth",
+    "audience_of",
     "default_token_cache_path",
     "is_loopback",
     "load_config",

@@ -62,6 +62,11 @@ def default_token_cache_path() -> Path:
     return Path(base) / "sidecar" / "msal_token_cache.json"
 
 
+def audience_of(scope: str) -> str:
+    """The resource a scope asks for: `api://x/.default` -> `api://x`."""
+    return scope.rsplit("/", 1)[0] if "/" in scope.split("://", 1)[-1] else scope
+
+
 class AuthBase(_Section):
     """What every flow has: the scope it asks for and how early it renews."""
 
@@ -81,9 +86,7 @@ class AuthBase(_Section):
 
     @property
     def audience(self) -> str:
-        """The resource the scope asks for: `api://x/.default` -> `api://x`."""
-        scope = self.scope
-        return scope.rsplit("/", 1)[0] if "/" in scope.split("://", 1)[-1] else scope
+        return audience_of(self.scope)
 
     def secret_values(self) -> list[str]:
         """The configured secret values of this flow, for the log redactor."""

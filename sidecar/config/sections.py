@@ -66,8 +66,34 @@ class ListenConfig(_Section):
     max_connections: int = Field(2048, ge=1)
 
 
+def http_url(value: str) -> str:
+    """An upstream base URL: http(s), a host, no query or fragment; without its trailing slash."""
+    from yarl import URL
+
+    url = URL(value)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"must be an http(s) URL such as https://my-func.azurewebsites.net, got {value!r}")
+    if url.query_string or url.fragment:
+        raise ValueError("must not carry a query string or fragment")
+    return value.rstrip("/")
+
+
+def cleartext_problem(value: str, key: str, allow_key: str) -> str | None:
+    """Why an http:// URL is refused: anything but loopback would carry the bearer token in cleartext."""
+    from yarl import URL
+
+    url = URL(value)
+    if url.scheme == "http" and not is_loopback(url.host or ""):
+        return (
+            f"{key}: http:// to {url.host} would send the bearer token in cleartext; use https://, "
+            f"or set {allow_key}: true if the network path is protected otherwise"
+        )
+    return None
+
+
 class UpstreamConfig(_Section):
-    url: str
+    # required unless `routes` names the upstreams (checked by Settings)
+    url: str | None = None
     connect_timeout: float = Field(10.0, gt=0)
     read_timeout: float = Field(300.0, gt=0)
     headers: dict[str, SecretStr] = Field(default_factory=dict)
@@ -81,27 +107,19 @@ class UpstreamConfig(_Section):
 
     @model_validator(mode="after")
     def _cleartext_only_on_loopback(self) -> UpstreamConfig:
-        from yarl import URL
-
-        url = URL(self.url)
-        if url.scheme == "http" and not self.allow_insecure and not is_loopback(url.host or ""):
-            raise ValueError(
-                f"upstream.url: http:// to {url.host} would send the bearer token in cleartext; use https://, "
-                "or set upstream.allow_insecure: true if the network path is protected otherwise"
-            )
+        problem = (
+            None
+            if self.url is None or self.allow_insecure
+            else cleartext_problem(self.url, "upstream.url", "upstream.allow_insecure")
+        )
+        if problem:
+            raise ValueError(problem)
         return self
 
     @field_validator("url")
     @classmethod
-    def _url_is_http(cls, value: str) -> str:
-        from yarl import URL
-
-        url = URL(value)
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError(f"must be an http(s) URL such as https://my-func.azurewebsites.net, got {value!r}")
-        if url.query_string or url.fragment:
-            raise ValueError("must not carry a query string or fragment")
-        return value.rstrip("/")
+    def _url_is_http(cls, value: str | None) -> str | None:
+        return None if value is None else http_url(value)
 
 
 class TlsConfig(_Section):

@@ -23,6 +23,7 @@ from pydantic_settings import (
 
 from sidecar.config import cgroup
 from sidecar.config.auth import AUTH_MODELS, AuthConfig
+from sidecar.config.routes import RouteConfig, default_route
 from sidecar.config.sections import (
     CONFIG_PATH_ENV,
     ENV_PREFIX,
@@ -48,7 +49,8 @@ class Settings(BaseSettings):
 
     listen: ListenConfig = Field(default_factory=ListenConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
-    upstream: UpstreamConfig
+    routes: list[RouteConfig] = Field(default_factory=list)  # before upstream: its check reads them
+    upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
     tls: TlsConfig = Field(default_factory=TlsConfig)
     auth: AuthConfig
     inbound: InboundConfig = Field(default_factory=InboundConfig)
@@ -81,14 +83,38 @@ class Settings(BaseSettings):
             raise ValueError("on_behalf_of gets a token per caller, which workers cannot share: use workers: 1")
         return value  # type: ignore[return-value]
 
+    @field_validator("routes")
+    @classmethod
+    def _distinct_prefixes(cls, routes: list[RouteConfig]) -> list[RouteConfig]:
+        prefixes = [route.prefix for route in routes]
+        if len(set(prefixes)) != len(prefixes):
+            raise ValueError("two routes have the same prefix; give each route its own")
+        return routes
+
+    @field_validator("upstream")
+    @classmethod
+    def _an_upstream(cls, upstream: UpstreamConfig, info: ValidationInfo) -> UpstreamConfig:
+        if upstream.url is None and not info.data.get("routes"):
+            raise ValueError(f"upstream.url: missing; {_HINTS['upstream.url']} (or list routes)")
+        return upstream
+
+    def effective_routes(self) -> list[RouteConfig]:
+        """The routes to serve, longest prefix first, each with its scope: `routes`, or the one `/openai/` route
+        that `upstream` and `auth.scope` form."""
+        if not self.routes:
+            return [default_route(self.upstream, self.auth.scope)]
+        resolved = [r if r.scope else r.model_copy(update={"scope": self.auth.scope}) for r in self.routes]
+        return sorted(resolved, key=lambda route: len(route.prefix), reverse=True)
+
     def secret_values(self) -> list[str]:
         """Every configured secret value (inbound keys, upstream headers, the flow's credential), so the log
         redactor can scrub them even if a library echoes one."""
         values = [key.get_secret_value() for key in self.inbound.api_keys]
-        values += [value.get_secret_value() for value in self.upstream.headers.values()]
-        for path in self.upstream.headers_files.values():
-            with contextlib.suppress(OSError):
-                values.append(read_secret_file(path))
+        for route in self.effective_routes():
+            values += [value.get_secret_value() for value in route.headers.values()]
+            for path in route.headers_files.values():
+                with contextlib.suppress(OSError):
+                    values.append(read_secret_file(path))
         values += self.auth.secret_values()
         return [value for value in values if value]
 
@@ -212,7 +238,7 @@ def _explain(error: ValidationError) -> list[str]:
             lines.append(f"{key}: unknown key; check its spelling against config.example.yaml")
         elif kind == "enum":
             lines.append(f"{key}: {message}")
-        elif "\n" in message or message.startswith(("auth.", "upstream.")):
+        elif "\n" in message or message.startswith(("auth.", "upstream.", "routes")):
             # a cross-key rule already names its keys, one per line
             lines.extend(message.splitlines())
         else:
