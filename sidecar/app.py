@@ -225,6 +225,7 @@ def build_app(
                     connect_timeout=settings.upstream.connect_timeout,
                     read_timeout=settings.upstream.read_timeout,  # idle time between bytes, never a total
                     keepalive_timeout=30.0,
+                    proxy=settings.network.proxy_for(backend.url),
                 )
         for each in by_scope.values():
             await each.start()

@@ -135,7 +135,11 @@ async def _probe_routes(settings: Settings, token: str) -> list[tuple[bool, str]
         backend = route.upstream[0]
         timeouts = settings.upstream
         pool = Pool(
-            backend.url, ssl_context, connect_timeout=timeouts.connect_timeout, read_timeout=timeouts.read_timeout
+            backend.url,
+            ssl_context,
+            connect_timeout=timeouts.connect_timeout,
+            read_timeout=timeouts.read_timeout,
+            proxy=settings.network.proxy_for(backend.url),
         )
         try:
             diagnosis = await doctor.probe(pool, backend.url, route.probe_path, route_token, audience_of(scope))

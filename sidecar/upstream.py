@@ -2,7 +2,7 @@
 
 Like httpx's client/transport split: the proxy (sidecar/proxy.py) decides what to send and how to answer;
 this module only moves bytes to the one upstream origin and back, untouched — no redirects, no cookies, no
-decompression, no proxies from the environment — and turns aiohttp's exceptions into the few failures the
+decompression, an egress proxy only as config resolved it (network) — and turns aiohttp's exceptions into the few failures the
 proxy answers differently (502 unreachable, 504 silent, a broken stream).
 """
 
@@ -106,8 +106,12 @@ class Pool:
         connect_timeout: float,
         read_timeout: float,
         keepalive_timeout: float = 30.0,
+        proxy: str | None = None,
     ) -> None:
         self._base = url.rstrip("/")
+        # the egress proxy for this origin (network.proxy / HTTPS_PROXY; None: direct). An https upstream is
+        # reached through a CONNECT tunnel and still verified with the pool's own TLS context (tls.ca_bundle).
+        self._proxy = proxy
         base = URL(self._base)
         self._origin = (base.scheme, base.raw_host, base.port)
         self._under = base.raw_path.rstrip("/") + "/"  # every request path starts with the base path and a slash
@@ -124,7 +128,7 @@ class Pool:
                 sock_read=read_timeout,  # idle time between bytes, never a total
             ),
             cookie_jar=aiohttp.DummyCookieJar(),  # one caller's cookies must never reach another's request
-            trust_env=False,
+            trust_env=False,  # the environment's proxy settings come through config (network), never implicitly
             skip_auto_headers=_NO_AUTO_HEADERS,
         )
 
@@ -152,6 +156,7 @@ class Pool:
                 headers=outgoing,
                 data=(body or None) if body is not None else stream,
                 allow_redirects=False,  # a redirect goes back to the caller; our token never follows it
+                proxy=self._proxy,
             )
         except aiohttp.ClientConnectorError as exc:
             raise ConnectError(exc.os_error) from None

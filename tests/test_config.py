@@ -478,3 +478,23 @@ def test_log_level_and_format_in_any_case(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, GOOD))
     assert caught.value.problems[0].startswith("logging.level:")
+
+
+def test_egress_proxy_rules(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """network.proxy wins over HTTPS_PROXY; NO_PROXY and no_proxy exempt hosts; loopback and IMDS never go
+    through a proxy; a proxy's password is a secret for the log redactor."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://env-proxy:3128")
+    monkeypatch.setenv("no_proxy", ".internal.example,10.0.0.0/8")
+    settings = load_config(write(tmp_path, GOOD))
+    network = settings.network
+    assert network.proxy_for("https://func.example.net/api") == "http://env-proxy:3128"
+    assert network.proxy_for("http://func.example.net/api") is None  # no HTTP_PROXY set
+    for direct in ("https://a.internal.example", "https://10.1.2.3", "https://127.0.0.1:8443", "https://localhost",
+                   "http://169.254.169.254/metadata/identity/oauth2/token", "https://[::1]:9"):  # fmt: skip
+        assert network.proxy_for(direct) is None, direct
+    explicit = GOOD + "network:\n  proxy: http://me:s3cr3t-pw@corp-proxy:8080\n  no_proxy: [func.example.net]\n"
+    settings = load_config(write(tmp_path, explicit))
+    assert settings.network.proxy_for("https://login.microsoftonline.com/t") == "http://me:s3cr3t-pw@corp-proxy:8080"
+    assert settings.network.proxy_for("https://func.example.net/api") is None
+    assert "s3cr3t-pw" in settings.secret_values()
+    assert "s3cr3t-pw" not in repr(settings) and "s3cr3t-pw" not in str(settings.network)

@@ -26,6 +26,7 @@ from sidecar.config.auth import (
     audience_of,
     default_token_cache_path,
 )
+from sidecar.config.network import NetworkConfig
 from sidecar.config.sections import (
     CONFIG_PATH_ENV,
     ENV_PREFIX,
@@ -66,6 +67,7 @@ __all__ = [
     "ListenConfig",
     "LoggingConfig",
     "ManagedIdentityAuth",
+    "NetworkConfig",
     "OnBehalfOfAuth",
     "Settings",
     "TlsConfig",

@@ -23,6 +23,7 @@ from pydantic_settings import (
 
 from sidecar.config import cgroup
 from sidecar.config.auth import AUTH_MODELS, AuthConfig
+from sidecar.config.network import NetworkConfig
 from sidecar.config.routes import RouteConfig, default_route
 from sidecar.config.sections import (
     CONFIG_PATH_ENV,
@@ -52,6 +53,7 @@ class Settings(BaseSettings):
     routes: list[RouteConfig] = Field(default_factory=list)  # before upstream: its check reads them
     upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
     tls: TlsConfig = Field(default_factory=TlsConfig)
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
     auth: AuthConfig
     inbound: InboundConfig = Field(default_factory=InboundConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
@@ -116,6 +118,7 @@ class Settings(BaseSettings):
                 with contextlib.suppress(OSError):
                     values.append(read_secret_file(path))
         values += self.auth.secret_values()
+        values += self.network.secret_values()
         return [value for value in values if value]
 
     def worker_count(self, machine: cgroup.Limits | None = None) -> int:
