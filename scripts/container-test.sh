@@ -12,8 +12,9 @@
 #      default target; it must hold no emulators, openai or trustme) and the dev image (--target dev: plus
 #      the emulators and openai, for the compose dev stack); their metadata and contents are checked;
 #   4. emulators (dev image) + sidecar (production image) run as containers (host network, read-only root,
-#      no capabilities): the sidecar must run as non-root, turn healthy, answer a proxied request with 200
-#      and exit 0 on SIGTERM;
+#      no capabilities): the sidecar must run as non-root, turn healthy through the image's HEALTHCHECK
+#      (bash against the admin listener, no second Python), answer a proxied request with 200, serve
+#      /healthz, /readyz and /metrics on the admin port 9090 and refuse /openai/ there, and exit 0 on SIGTERM;
 #   5. the compose stack (with compose/ci.override.yml: host network) comes up and the example app exits 0.
 # Everything it started is stopped in an EXIT trap (the engine by its PID). Any failure exits non-zero
 # with a message; nothing is skipped. Needs root (debootstrap, dockerd).
@@ -368,11 +369,19 @@ uid=${user%%:*}
 [[ $(docker image inspect -f '{{json .Config.Entrypoint}}' "$IMAGE") == '["sidecar"]' ]] ||
     die "ENTRYPOINT is not [\"sidecar\"]"
 [[ $(docker image inspect -f '{{json .Config.Cmd}}' "$IMAGE") == '["serve"]' ]] || die "CMD is not [\"serve\"]"
-docker image inspect -f '{{json .Config.Healthcheck.Test}}' "$IMAGE" | grep -q healthz || die "no HEALTHCHECK on /healthz"
-if docker image inspect -f '{{range .Config.Env}}{{println .}}{{end}}' "$IMAGE" | grep -q '^SIDECAR_LISTEN__HOST='; then
+healthcheck=$(docker image inspect -f '{{json .Config.Healthcheck.Test}}' "$IMAGE")
+grep -q healthz <<<"$healthcheck" || die "no HEALTHCHECK on /healthz"
+grep -q python <<<"$healthcheck" && die "the HEALTHCHECK starts a Python process: $healthcheck"
+image_env=$(docker image inspect -f '{{range .Config.Env}}{{println .}}{{end}}' "$IMAGE")
+if grep -q '^SIDECAR_LISTEN__HOST=' <<<"$image_env"; then
     die "the image must not set SIDECAR_LISTEN__HOST (compose/Kubernetes choose the listen address)"
 fi
-log "ok: USER $user, ENTRYPOINT sidecar, CMD serve, HEALTHCHECK /healthz, listen address left to the deployment"
+{ grep -qx 'SIDECAR_ADMIN__HOST=0.0.0.0' <<<"$image_env" && grep -qx 'SIDECAR_ADMIN__PORT=9090' <<<"$image_env"; } ||
+    die "the image must turn the admin listener on at 0.0.0.0:9090 (SIDECAR_ADMIN__HOST/PORT)"
+exposed=$(docker image inspect -f '{{range $port, $_ := .Config.ExposedPorts}}{{$port}} {{end}}' "$IMAGE")
+exposed=${exposed% }
+[[ $exposed == "8080/tcp 9090/tcp" ]] || die "EXPOSE is '$exposed', expected 8080/tcp 9090/tcp"
+log "ok: USER $user, ENTRYPOINT sidecar, CMD serve, HEALTHCHECK /healthz without Python, admin listener 0.0.0.0:9090, EXPOSE $exposed, listen address left to the deployment"
 for image in "$IMAGE" "$DEV_IMAGE"; do
     label() { docker image inspect -f "{{index .Config.Labels \"org.opencontainers.image.$1\"}}" "$image"; }
     [[ $(label version) == "$VERSION" ]] || die "$image: label org.opencontainers.image.version is '$(label version)', not $VERSION"
@@ -421,8 +430,8 @@ log "$IMAGE_SIZE_REPORT"
 hardening=(--network=host --add-host=emulators:127.0.0.1 --add-host=sidecar:127.0.0.1
     --read-only --cap-drop=ALL --security-opt=no-new-privileges:true
     "--tmpfs=/tmp:uid=10001,gid=10001,mode=0700")
-for port in 8080 8081 8443; do
-    port_open "$port" && die "port $port on the host is taken; the test needs 8080, 8081 and 8443 free"
+for port in 8080 8081 8443 9090; do
+    port_open "$port" && die "port $port on the host is taken; the test needs 8080, 8081, 8443 and 9090 free"
 done
 docker volume create ct-emulator-ca >/dev/null
 
@@ -476,7 +485,36 @@ log "upstream answered: $(tr -d '\n' <<<"$LAST_BODY" | cut -c 1-200)"
 expect_status 200 POST "$url" '{"messages": [{"role": "user", "content": "Say hello"}], "stream": true}'
 grep -q '^data:' <<<"$LAST_BODY" || die "the streamed answer carried no 'data:' events"
 log "ok: streamed answer (server-sent events) passed through"
-expect_status 200 GET http://127.0.0.1:8080/metrics
+
+# The admin listener, on with the image's defaults (0.0.0.0:9090): probes and scrapers, never the proxy.
+expect_status 200 GET http://127.0.0.1:9090/readyz
+expect_status 200 GET http://127.0.0.1:9090/healthz
+expect_status 200 GET http://127.0.0.1:9090/metrics
+grep -q '^# HELP sidecar_' <<<"$LAST_BODY" || die "/metrics on the admin port is not the sidecar's Prometheus text"
+expect_status 404 POST "http://127.0.0.1:9090/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-06-01" "$chat"
+expect_status 404 GET http://127.0.0.1:9090/openai/models
+expect_status 404 GET http://127.0.0.1:8080/metrics  # with the admin port on, /metrics lives there only
+log "ok: admin port 9090 answers /readyz, /healthz and /metrics and refuses /openai/; /metrics left the main port"
+
+# The image's HEALTHCHECK itself (bash's /dev/tcp): its recent runs on this container, as Docker logged them.
+health_report=$(docker inspect -f '{{json .State.Health}}' ct-sidecar | python3 -c '
+import datetime, json, sys
+health = json.load(sys.stdin)
+def when(stamp):  # Docker writes nanoseconds; fromisoformat takes microseconds
+    head, _, rest = stamp.partition(".")
+    digits = "".join(c for c in rest if c.isdigit())
+    zone = rest[len(digits):].replace("Z", "+00:00")
+    return datetime.datetime.fromisoformat(f"{head}.{digits[:6]:0<6}{zone}")
+runs = health["Log"]
+last = runs[-1]
+if health["Status"] != "healthy" or last["ExitCode"] != 0:
+    sys.exit("HEALTHCHECK not passing: status %s, last exit %s, output %r" % (health["Status"], last["ExitCode"], last["Output"]))
+ms = sorted((when(r["End"]) - when(r["Start"])).total_seconds() * 1000 for r in runs)
+print("%d runs logged, last exit 0, %.0f-%.0f ms each (docker exec included)" % (len(runs), ms[0], ms[-1]))
+') || die "the image HEALTHCHECK does not pass on the running container"
+log "ok: image HEALTHCHECK passes: $health_report"
+memory=$(docker stats --no-stream --format '{{.MemUsage}}' ct-sidecar 2>/dev/null || true)
+log "sidecar container memory after the requests: ${memory:-unknown}"
 
 log "SIGTERM (docker stop): the sidecar must drain and exit 0"
 stop_started=$(date +%s)

