@@ -2,8 +2,8 @@
 
 Like httpx's client/transport split: the proxy (sidecar/proxy.py) decides what to send and how to answer;
 this module only moves bytes to the one upstream origin and back, untouched — no redirects, no cookies, no
-decompression, an egress proxy only as config resolved it (network) — and turns aiohttp's exceptions into the few failures the
-proxy answers differently (502 unreachable, 504 silent, a broken stream).
+decompression, an egress proxy only as config resolved it (network) — and turns aiohttp's exceptions into the
+few failures the proxy answers differently (502 unreachable, 504 silent, a broken stream).
 """
 
 from __future__ import annotations

@@ -498,3 +498,20 @@ def test_egress_proxy_rules(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     assert settings.network.proxy_for("https://func.example.net/api") is None
     assert "s3cr3t-pw" in settings.secret_values()
     assert "s3cr3t-pw" not in repr(settings) and "s3cr3t-pw" not in str(settings.network)
+
+
+def test_env_lists_must_be_json_and_the_admin_port_can_be_turned_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIDECAR_INBOUND__API_KEYS=plainkey was an uncaught traceback; the image's admin port could not be undone."""
+    monkeypatch.setenv("SIDECAR_INBOUND__API_KEYS", "plainkey")
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, GOOD))
+    assert caught.value.problems == [
+        'SIDECAR_INBOUND__API_KEYS: must be JSON here, e.g. SIDECAR_INBOUND__API_KEYS=\'["one", "two"]\' (a list) '
+        'or \'{"k": "v"}\''
+    ]
+    monkeypatch.setenv("SIDECAR_INBOUND__API_KEYS", '["plainkey"]')
+    for off in ("off", "", "null"):
+        monkeypatch.setenv("SIDECAR_ADMIN__PORT", off)
+        assert load_config(write(tmp_path, GOOD)).admin.port is None

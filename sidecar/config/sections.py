@@ -144,6 +144,14 @@ class AdminConfig(_Section):
     host: str = "127.0.0.1"
     port: int | None = Field(None, ge=0, le=65535)
 
+    @field_validator("port", mode="before")
+    @classmethod
+    def _off(cls, value: object) -> object:
+        """SIDECAR_ADMIN__PORT=off (or empty, or null) turns off the listener the container image turns on."""
+        if isinstance(value, str) and value.strip().lower() in ("", "off", "null", "none"):
+            return None
+        return value
+
 
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -4,9 +4,10 @@ the key and the fix."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_origin
 
 import yaml
 from pydantic import (
@@ -19,6 +20,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from sidecar.config import cgroup
@@ -258,3 +260,31 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Settings:
         return Settings(**file_values)
     except ValidationError as exc:
         raise ConfigError(_explain(exc)) from None
+    except SettingsError:
+        raise ConfigError(_not_json()) from None
+
+
+def _not_json() -> list[str]:
+    """pydantic-settings' error for a SIDECAR_* list or mapping that is not JSON (SIDECAR_INBOUND__API_KEYS=key)
+    names only the section: find the variables themselves."""
+    lines = []
+    for name, value in os.environ.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_PATH_ENV:
+            continue
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, list | dict) and _is_collection(name[len(ENV_PREFIX) :].lower().split("__")):
+            lines.append(f'{name}: must be JSON here, e.g. {name}=\'["one", "two"]\' (a list) or \'{{"k": "v"}}\'')
+    return lines or ["a SIDECAR_* variable for a list or mapping is not JSON: write it as JSON"]
+
+
+def _is_collection(path: list[str]) -> bool:
+    model: Any = Settings
+    for part in path:
+        fields = getattr(model, "model_fields", {})
+        if part not in fields:
+            return False
+        model = fields[part].annotation
+    return get_origin(model) in (list, dict)
