@@ -26,6 +26,7 @@ from sidecar.tokens import build_authorizer
 from sidecar.tokens.base import Authorizer
 from sidecar.tokens.manager import RetryPolicy
 from sidecar.upstream import Pool
+from sidecar.websocket import UpstreamSockets, WebSocketRelay, is_websocket, key_headers
 
 log = logging.getLogger("sidecar")
 access_log = logging.getLogger("sidecar.access")
@@ -38,13 +39,19 @@ METRICS = web.AppKey("metrics", Metrics)
 STATE = web.AppKey("state", dict)
 DISPATCH: web.AppKey[Handler] = web.AppKey("dispatch")
 ADMIN: web.AppKey[Handler] = web.AppKey("admin")  # the admin listener's handler (health, readiness, metrics)
+WEBSOCKETS = web.AppKey("websockets", WebSocketRelay)
 
 # Raw-path prefixes the sidecar forwards; everything else is its own route or 404.
 FORWARDED_PREFIXES = ("/openai/",)
 
 
 def build_dispatch(
-    settings: Settings, metrics: Metrics, state: dict[str, object], proxy: Proxy, authorizer: Authorizer
+    settings: Settings,
+    metrics: Metrics,
+    state: dict[str, object],
+    proxy: Proxy,
+    authorizer: Authorizer,
+    relay: WebSocketRelay,
 ) -> Handler:
     """Every request's one entry point: the gate (request target, inbound key; sidecar/gate.py), the routes,
     the access log and the metrics, in one function.
@@ -73,7 +80,8 @@ def build_dispatch(
             if problem is not None:
                 response = error_response(400, *problem, retryable=False)
             elif forwarded(target, FORWARDED_PREFIXES):
-                if keys and not keys.admit(request.headers):
+                upgrade = is_websocket(request)  # the Realtime API: sidecar/websocket.py
+                if keys and not keys.admit(key_headers(request) if upgrade else request.headers):
                     response = error_response(
                         401,
                         "Unauthorized",
@@ -83,7 +91,7 @@ def build_dispatch(
                 else:
                     if "Expect" in request.headers:
                         await expect_continue(request)
-                    response = await proxy.handle(request)
+                    response = await (relay.handle(request) if upgrade else proxy.handle(request))
             else:
                 handler = own_routes.get(target.partition("?")[0]) if request.method in ("GET", "HEAD") else None
                 response = await (handler or not_found)(request)
@@ -166,31 +174,47 @@ def build_app(
     mirror = getattr(authorizer, "mirror_metrics", None)
     if mirror is not None:  # a worker process: the token counters are the parent's
         mirror(metrics)
+    extra_headers = _static_upstream_headers(settings)
     proxy = Proxy(
         authorizer=authorizer,
         metrics=metrics,
-        extra_headers=_static_upstream_headers(settings),
+        extra_headers=extra_headers,
         audience=settings.auth.audience,
         replay_budget=settings.upstream.replay_buffer,
     )
+    relay = app[WEBSOCKETS] = WebSocketRelay(
+        authorizer=authorizer,
+        metrics=metrics,
+        extra_headers=extra_headers,
+        audience=settings.auth.audience,
+    )
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        ssl_context = client_ssl_context(settings.tls.ca_bundle)
         pool = Pool(
             settings.upstream.url,
-            client_ssl_context(settings.tls.ca_bundle),
+            ssl_context,
             connect_timeout=settings.upstream.connect_timeout,
             read_timeout=settings.upstream.read_timeout,  # idle time between bytes, never a total
             keepalive_timeout=30.0,
         )
         proxy.attach(pool)
+        sockets = UpstreamSockets(
+            settings.upstream.url,
+            ssl_context,
+            connect_timeout=settings.upstream.connect_timeout,
+            read_timeout=settings.upstream.read_timeout,
+        )
+        relay.attach(sockets)
         await authorizer.start()
         try:
             yield
         finally:
             await authorizer.aclose()
             await pool.close()
+            await sockets.close()
 
-    dispatch = build_dispatch(settings, metrics, state, proxy, authorizer)
+    dispatch = build_dispatch(settings, metrics, state, proxy, authorizer, relay)
     app[DISPATCH] = dispatch
     app[ADMIN] = health.admin_handler(health.own_routes(state, authorizer, metrics))
     app.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=_expect_in_dispatch)

@@ -174,7 +174,7 @@ class Proxy:
         except IdentityError as exc:
             return identity_error_response(exc)
         except UpstreamError as exc:
-            return _failure_response(exc)
+            return failure_response(exc)
         finally:
             self._replay.give(reserved)
 
@@ -252,7 +252,7 @@ class Proxy:
                 _delivered_if_ended(upstream, exchange)
                 raise asyncio.CancelledError from None  # the caller left; nothing to tell it
             if response is None and isinstance(exc, UpstreamError):
-                return _failure_response(exc)  # broken before anything was sent: the caller gets a 502
+                return failure_response(exc)  # broken before anything was sent: the caller gets a 502
             # Headers are out: the only honest signal left is to cut the connection without a clean end.
             log.warning("upstream failed mid-response (%s); aborting the caller's connection", type(exc).__name__)
             _abort(request)
@@ -274,7 +274,7 @@ class _CoalescingResponse(web.StreamResponse):
     _send_headers_immediately = False
 
 
-def _failure_response(exc: UpstreamError) -> web.Response:
+def failure_response(exc: UpstreamError) -> web.Response:
     """The JSON answer for an upstream that could not be reached or answered nothing usable."""
     if isinstance(exc, Unsendable):
         if isinstance(exc, OffOrigin):  # the gate should have refused it: worth a line for whoever maintains it
