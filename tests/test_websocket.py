@@ -294,6 +294,7 @@ async def test_caller_leaving_closes_the_upstream_socket_at_once(stack: Stack, s
     assert session.closed_at is not None
     assert session.closed_at - left < 1.0, session.closed_at - left
     assert session.close_code == 1001  # going away
+    print(f"\ncaller left: the upstream socket closed {1000 * (session.closed_at - left):.1f} ms later")
 
 
 async def test_upstream_leaving_closes_the_caller_with_1014(stack: Stack, sidecar: RunningSidecar) -> None:
