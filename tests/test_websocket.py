@@ -438,6 +438,32 @@ async def test_inbound_key_from_header_query_or_subprotocol(stack: Stack, run_si
         assert session.offered_protocols in ([], ["realtime"])
 
 
+async def test_on_behalf_of_each_caller_reaches_the_upstream_as_themselves(
+    stack: Stack, run_sidecar: StartSidecar
+) -> None:
+    obo = {"flow": "on_behalf_of", "client_id": stack.client_id, "client_secret": stack.client_secret}
+    running = await run_sidecar(config_for(stack, auth=obo))
+    oid = stack.entra.register_user("alice@contoso.example")
+    user_token = stack.entra.issue_user_token(
+        "alice@contoso.example", client_id="chat-frontend", audience=f"api://{stack.client_id}", lifetime=3600
+    )
+    client = azure_client(running, api_key=None, azure_ad_token=user_token)  # the user's token as Authorization
+    async with client.realtime.connect(model="gpt-4o-realtime-preview") as connection:
+        _, text = await converse(connection, ga=False)
+    await client.close()
+    assert f"aud={stack.audience} oid={oid} appid={stack.client_id}" in text
+    (session,) = stack.upstream.realtime.sessions
+    assert session.headers.getall("Authorization") != [f"Bearer {user_token}"]  # exchanged, not passed on
+    assert_upstream_saw_only_our_token(stack, session)
+
+    expired = stack.entra.issue_user_token(
+        "alice@contoso.example", client_id="chat-frontend", audience=f"api://{stack.client_id}", expired=True
+    )
+    status, body = await refused_with(running.url, GA, f"Authorization: Bearer {expired}\r\n".encode())
+    assert status == 401 and body["error"]["code"] == "InvalidUserToken"
+    assert len(stack.upstream.realtime.sessions) == 1
+
+
 # ---- shutdown --------------------------------------------------------------------------------------------------
 
 
