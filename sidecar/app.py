@@ -30,6 +30,7 @@ from sidecar.tokens import build_authorizer
 from sidecar.tokens.base import Authorizer, IdentityError
 from sidecar.tokens.manager import RetryPolicy
 from sidecar.upstream import Pool
+from sidecar.websocket import UpstreamSockets, WebSocketRelay, is_websocket, key_headers
 
 log = logging.getLogger("sidecar")
 access_log = logging.getLogger("sidecar.access")
@@ -42,13 +43,14 @@ METRICS = web.AppKey("metrics", Metrics)
 STATE = web.AppKey("state", dict)
 DISPATCH: web.AppKey[Handler] = web.AppKey("dispatch")
 ADMIN: web.AppKey[Handler] = web.AppKey("admin")  # the admin listener's handler (health, readiness, metrics)
+WEBSOCKETS = web.AppKey("websockets", list)  # one WebSocketRelay per route, closed at the end of a drain
 
 
 def build_dispatch(
     settings: Settings,
     metrics: Metrics,
     state: dict[str, object],
-    proxies: Sequence[Proxy],
+    routes: Sequence[tuple[Proxy, WebSocketRelay]],
     authorizers: Sequence[Authorizer],
 ) -> Handler:
     """Every request's one entry point: the gate (request target, inbound key; sidecar/gate.py), the routes,
@@ -67,12 +69,12 @@ def build_dispatch(
 
     # /metrics moves to the admin listener when there is one: scrapers, not applications, read it
     own_routes = health.own_routes(state, authorizers, metrics, with_metrics=settings.admin.port is None)
-    prefixes = tuple(proxy.prefix for proxy in proxies)  # longest first: the most specific route wins
+    prefixes = tuple(proxy.prefix for proxy, _ in routes)  # longest first: the most specific route wins
 
-    def route_of(target: str) -> Proxy:
-        for proxy in proxies:
-            if target.startswith(proxy.prefix):
-                return proxy
+    def route_of(target: str) -> tuple[Proxy, WebSocketRelay]:
+        for route in routes:
+            if target.startswith(route[0].prefix):
+                return route
         raise AssertionError("forwarded() said a prefix matches")
 
     async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
@@ -85,7 +87,8 @@ def build_dispatch(
             if problem is not None:
                 response = error_response(400, *problem, retryable=False)
             elif forwarded(target, prefixes):
-                if keys and not keys.admit(request.headers):
+                upgrade = is_websocket(request)  # the Realtime API: sidecar/websocket.py
+                if keys and not keys.admit(key_headers(request) if upgrade else request.headers):
                     response = error_response(
                         401,
                         "Unauthorized",
@@ -95,7 +98,8 @@ def build_dispatch(
                 else:
                     if "Expect" in request.headers:
                         await expect_continue(request)
-                    response = await route_of(target).handle(request)
+                    proxy, relay = route_of(target)
+                    response = await (relay.handle(request) if upgrade else proxy.handle(request))
             else:
                 handler = own_routes.get(target.partition("?")[0]) if request.method in ("GET", "HEAD") else None
                 response = await (handler or not_found)(request)
@@ -199,34 +203,59 @@ def build_app(
     if mirror is not None:  # a worker process: the token counters are the parent's
         mirror(metrics)
     replay = ReplayBudget(settings.upstream.replay_buffer)  # one budget for every route
-    proxies = [
-        Proxy(
-            authorizer=by_scope[route.scope or settings.auth.scope],
-            metrics=metrics,
-            backends=Backends([Backend(b.name or str(i), b.url, b.priority) for i, b in enumerate(route.upstream)]),
-            replay=replay,
-            extra_headers=_static_headers(route),
-            audience=audience_of(route.scope or settings.auth.scope),
-            name=route.prefix,
+    proxies: list[Proxy] = []
+    relays: list[WebSocketRelay] = []
+    for route in routes:
+        scope = route.scope or settings.auth.scope
+        headers = _static_headers(route)
+        backends = [Backend(b.name or str(i), b.url, b.priority) for i, b in enumerate(route.upstream)]
+        proxies.append(
+            Proxy(
+                authorizer=by_scope[scope],
+                metrics=metrics,
+                backends=Backends(backends),
+                replay=replay,
+                extra_headers=headers,
+                audience=audience_of(scope),
+                name=route.prefix,
+            )
         )
-        for route in routes
-    ]
+        relays.append(
+            WebSocketRelay(
+                authorizer=by_scope[scope], metrics=metrics, extra_headers=headers, audience=audience_of(scope)
+            )
+        )
+    app[WEBSOCKETS] = relays
     probes = [(proxy, route.probe_path) for proxy, route in zip(proxies, routes, strict=True) if route.probe_path]
     if not settings.upstream.probe:
         probes = []
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         ssl_context = client_ssl_context(settings.tls.ca_bundle)
-        for proxy in proxies:
+        upstream = settings.upstream
+        sockets: list[UpstreamSockets] = []
+        for proxy, relay in zip(proxies, relays, strict=True):
             for backend in proxy.backends.all:
                 backend.pool = Pool(
                     backend.url,
                     ssl_context,
-                    connect_timeout=settings.upstream.connect_timeout,
-                    read_timeout=settings.upstream.read_timeout,  # idle time between bytes, never a total
+                    connect_timeout=upstream.connect_timeout,
+                    read_timeout=upstream.read_timeout,  # idle time between bytes, never a total
                     keepalive_timeout=30.0,
                     proxy=settings.network.proxy_for(backend.url),
                 )
+            # Realtime sessions go to the route's preferred backend: a session is long, failover is per request
+            preferred = min(proxy.backends.all, key=lambda backend: backend.priority)
+            sockets.append(
+                UpstreamSockets(
+                    preferred.url,
+                    ssl_context,
+                    connect_timeout=upstream.connect_timeout,
+                    read_timeout=upstream.read_timeout,
+                    proxy=settings.network.proxy_for(preferred.url),
+                )
+            )
+            relay.attach(sockets[-1])
         for each in by_scope.values():
             await each.start()
         checks = [asyncio.create_task(_probe_once_ready(proxy, path)) for proxy, path in probes]
@@ -241,9 +270,12 @@ def build_app(
                 for backend in proxy.backends.all:
                     if backend.pool is not None:
                         await backend.pool.close()
+            for each_sockets in sockets:
+                await each_sockets.close()
 
     authorizers = list(by_scope.values())
-    dispatch = build_dispatch(settings, metrics, state, sorted(proxies, key=lambda p: -len(p.prefix)), authorizers)
+    table = sorted(zip(proxies, relays, strict=True), key=lambda pair: -len(pair[0].prefix))
+    dispatch = build_dispatch(settings, metrics, state, table, authorizers)
     app[DISPATCH] = dispatch
     app[ADMIN] = health.admin_handler(health.own_routes(state, authorizers, metrics))
     app.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=_expect_in_dispatch)

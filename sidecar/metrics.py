@@ -62,6 +62,10 @@ class Metrics:
         self.bytes_out = 0
         self.token_acquisitions: dict[tuple[str, str], int] = {}  # (flow, outcome) -> count
         self.idp_latency: dict[str, Histogram] = {}
+        self.websockets_open = 0
+        self.websocket_sessions: dict[str, int] = {}  # who ended it -> count
+        self.websocket_frames: dict[tuple[str, str], int] = {}  # (direction, text/binary) -> count
+        self.websocket_bytes: dict[str, int] = {}  # direction -> payload bytes
         self._expiry: Callable[[], float | None] = lambda: None
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_Collector(self))
@@ -97,6 +101,19 @@ class Metrics:
         self.active_streams -= 1
         self.bytes_out += bytes_out
         _histogram(self.upstream_latency, route).observe(seconds)
+
+    def websocket_opened(self) -> None:
+        self.websockets_open += 1
+
+    def websocket_closed(self, ended_by: str) -> None:
+        self.websockets_open -= 1
+        self.websocket_sessions[ended_by] = self.websocket_sessions.get(ended_by, 0) + 1
+
+    def count_frame(self, direction: str, kind: str, size: int) -> None:
+        key = (direction, kind)
+        frames = self.websocket_frames
+        frames[key] = frames.get(key, 0) + 1
+        self.websocket_bytes[direction] = self.websocket_bytes.get(direction, 0) + size
 
     def observe_token(self, flow: str, outcome: str, seconds: float) -> None:
         key = (flow, outcome)
@@ -183,6 +200,31 @@ class _Collector:
         yield GaugeMetricFamily("sidecar_active_streams", "Responses being streamed now", value=m.active_streams)
         yield CounterMetricFamily("sidecar_request_bytes", "Request body bytes sent upstream", value=m.bytes_in)
         yield CounterMetricFamily("sidecar_response_bytes", "Response body bytes sent to callers", value=m.bytes_out)
+        yield GaugeMetricFamily(
+            "sidecar_websocket_sessions_open", "WebSocket sessions being relayed now", value=m.websockets_open
+        )
+        sessions = CounterMetricFamily(
+            "sidecar_websocket_sessions",
+            "WebSocket sessions relayed and ended, by what ended them (caller, upstream, shutdown, error)",
+            labels=["ended_by"],
+        )
+        for ended_by, count in m.websocket_sessions.items():
+            sessions.add_metric([ended_by], count)
+        yield sessions
+        frames = CounterMetricFamily(
+            "sidecar_websocket_frames",
+            "WebSocket data frames relayed, by direction and type (a message sent in fragments counts once)",
+            labels=["direction", "type"],
+        )
+        for labels, count in m.websocket_frames.items():
+            frames.add_metric(list(labels), count)
+        yield frames
+        payload = CounterMetricFamily(
+            "sidecar_websocket_bytes", "WebSocket payload bytes relayed, by direction", labels=["direction"]
+        )
+        for direction, size in m.websocket_bytes.items():
+            payload.add_metric([direction], size)
+        yield payload
         tokens = CounterMetricFamily(
             "sidecar_token_acquisitions",
             "Token requests to the identity provider, by flow and outcome",

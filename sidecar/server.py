@@ -16,7 +16,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
 from sidecar.accesslog import batch_access_log
-from sidecar.app import ADMIN, DISPATCH, STATE, build_app
+from sidecar.app import ADMIN, DISPATCH, STATE, WEBSOCKETS, build_app
 from sidecar.config import Settings, is_loopback
 from sidecar.tokens.base import Authorizer
 from sidecar.tokens.manager import RetryPolicy
@@ -276,7 +276,8 @@ async def serve(
 
 
 async def drain(app: web.Application, site: web.BaseSite, grace: float) -> None:
-    """Readiness fails at once, the listener closes, and in-flight requests get `grace` seconds to finish."""
+    """Readiness fails at once, the listener closes, and in-flight requests get `grace` seconds to finish;
+    WebSocket sessions still open then are closed with 1001 (going away) on both legs."""
     state = app[STATE]
     state["draining"] = True
     server = getattr(site, "_server", None)
@@ -287,5 +288,6 @@ async def drain(app: web.Application, site: web.BaseSite, grace: float) -> None:
         await asyncio.sleep(0.05)
     if state["in_flight"]:
         log.warning("grace period over with %s request(s) still open; closing them", state["in_flight"])
+        await asyncio.gather(*(relay.close_all() for relay in app[WEBSOCKETS]))
     with contextlib.suppress(Exception):
         await site.stop()

@@ -27,9 +27,10 @@ from sidecar_emulators import openai_payloads as payloads
 from sidecar_emulators._server import AppServer, Emulator, drop_connection
 from sidecar_emulators.keys import JwksSource
 from sidecar_emulators.upstream_auth import BearerValidator
+from sidecar_emulators.upstream_realtime import RealtimeEndpoint, RealtimeSession
 from sidecar_emulators.upstream_script import RecordedRequest, Scripted
 
-__all__ = ["RecordedRequest", "Scripted", "UpstreamEmulator"]
+__all__ = ["RealtimeSession", "RecordedRequest", "Scripted", "UpstreamEmulator"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class UpstreamEmulator(Emulator):
         self.stream_closed_early_at: float | None = None  # time.monotonic() when noticed
         self.stream_closed_early_event = asyncio.Event()
         self._script: deque[Scripted] = deque()
+        self.realtime = RealtimeEndpoint()  # the Realtime API's WebSockets and what each saw
         self._active: set[asyncio.Transport] = set()  # connections with a request in flight
         self._stopping = asyncio.Event()
         # auto_decompress=False: a gzip request body is recorded (and hashed) as sent.
@@ -121,6 +123,7 @@ class UpstreamEmulator(Emulator):
         self.streams_closed_early = 0
         self.stream_closed_early_at = None
         self.stream_closed_early_event.clear()
+        self.realtime.reset()
 
     # ---- HTTP ----
 
@@ -188,6 +191,8 @@ class UpstreamEmulator(Emulator):
             model, operation = None, "/".join(parts[1:])
         else:
             model, operation = None, "/".join(parts)
+        if operation == "realtime" and model is None:
+            return await self.realtime.handle(request, ga=parts[0] == "v1", greeting=_echo(claims or {}))
         if operation == "models" and method == "GET" and (model is None):
             return web.json_response(payloads.models(self.models))
         if method != "POST":
