@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from sidecar.accesslog import AccessLog
-from sidecar.config import Flow, Settings, read_secret_file
+from sidecar.config import Settings, read_secret_file
 from sidecar.errors import error_response
 from sidecar.gate import InboundKeys, forwarded, target_problem
 from sidecar.metrics import Metrics
@@ -22,7 +22,7 @@ from sidecar.proxy import EXCHANGE, Proxy
 from sidecar.routes import route_family
 from sidecar.tls import client_ssl_context
 from sidecar.tokens import build_authorizer
-from sidecar.tokens.base import Authorizer
+from sidecar.tokens.base import Authorizer, TokenObserver
 from sidecar.tokens.manager import RetryPolicy
 from sidecar.upstream import Pool
 
@@ -30,6 +30,8 @@ log = logging.getLogger("sidecar")
 access_log = logging.getLogger("sidecar.access")
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+# Builds the authorizer around the observer the app gives it (its metrics).
+AuthorizerFactory = Callable[[TokenObserver], Authorizer]
 
 SETTINGS = web.AppKey("settings", Settings)
 AUTHORIZER = web.AppKey("authorizer", Authorizer)
@@ -54,7 +56,7 @@ def build_dispatch(
     """
     keys = InboundKeys(
         (key.get_secret_value() for key in settings.inbound.api_keys),
-        bearer_is_key=settings.auth.flow is not Flow.ON_BEHALF_OF,
+        bearer_is_key=not authorizer.takes_caller_bearer,
     )
     access = AccessLog(access_log) if settings.logging.access_log else None
 
@@ -66,7 +68,7 @@ def build_dispatch(
             return web.json_response({"status": "draining"}, status=503)
         if authorizer.is_ready():
             return web.json_response({"status": "ready", "flow": authorizer.flow})
-        error = getattr(authorizer, "last_error", None)
+        error = authorizer.last_error
         detail = error.one_line() if error is not None else "waiting for the first token"
         return web.json_response({"status": "not ready", "flow": authorizer.flow, "reason": detail}, status=503)
 
@@ -153,10 +155,11 @@ def _static_upstream_headers(settings: Settings) -> dict[str, str]:
 def build_app(
     settings: Settings,
     *,
-    authorizer: Authorizer | None = None,
+    make_authorizer: AuthorizerFactory | None = None,
     retry: RetryPolicy | None = None,
 ) -> web.Application:
-    """Everything the app needs comes from `settings` (or is handed in for tests): no module state."""
+    """Everything the app needs comes from `settings`, or is handed in (the authorizer of a worker process, a
+    test's retry policy): no module state."""
     metrics = Metrics()
     state: dict[str, object] = {"draining": False, "in_flight": 0}
     app = web.Application(
@@ -166,13 +169,12 @@ def build_app(
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[STATE] = state
-    if authorizer is None:
+    if make_authorizer is None:
         authorizer = build_authorizer(settings, observer=metrics.observe_token, retry=retry)
+    else:
+        authorizer = make_authorizer(metrics.observe_token)
     app[AUTHORIZER] = authorizer
     metrics.track_expiry(authorizer.seconds_until_expiry)
-    mirror = getattr(authorizer, "mirror_metrics", None)
-    if mirror is not None:  # a worker process: the token counters are the parent's
-        mirror(metrics)
     proxy = Proxy(
         authorizer=authorizer,
         metrics=metrics,

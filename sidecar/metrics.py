@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -82,21 +81,6 @@ class Metrics:
         key = (flow, outcome)
         self.token_acquisitions[key] = self.token_acquisitions.get(key, 0) + 1
         _histogram(self.idp_latency, flow).observe(seconds)
-
-    def token_stats(self) -> dict[str, object]:
-        """The identity-provider counters as plain data (for worker processes, see sidecar.workers)."""
-        return {
-            "acquisitions": [[flow, outcome, count] for (flow, outcome), count in self.token_acquisitions.items()],
-            "latency": {flow: [h.counts, h.total] for flow, h in self.idp_latency.items()},
-        }
-
-    def load_token_stats(self, stats: dict[str, Any]) -> None:
-        self.token_acquisitions = {(flow, outcome): int(count) for flow, outcome, count in stats["acquisitions"]}
-        self.idp_latency = {}
-        for flow, (counts, total) in stats["latency"].items():
-            histogram = self.idp_latency[flow] = Histogram()
-            histogram.counts = [int(c) for c in counts]
-            histogram.total = float(total)
 
     def track_expiry(self, seconds_left: Callable[[], float | None]) -> None:
         self._expiry = seconds_left

@@ -16,9 +16,8 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
 from sidecar.accesslog import batch_access_log
-from sidecar.app import DISPATCH, STATE, build_app
+from sidecar.app import DISPATCH, STATE, AuthorizerFactory, build_app
 from sidecar.config import Settings, is_loopback
-from sidecar.tokens.base import Authorizer
 from sidecar.tokens.manager import RetryPolicy
 
 log = logging.getLogger("sidecar")
@@ -175,12 +174,12 @@ class RunningSidecar:
 async def start(
     settings: Settings,
     *,
-    authorizer: Authorizer | None = None,
+    make_authorizer: AuthorizerFactory | None = None,
     retry: RetryPolicy | None = None,
     reuse_port: bool = False,
 ) -> RunningSidecar:
     """Build and start the app. `reuse_port`: one of several worker processes listening on the same port."""
-    app = build_app(settings, authorizer=authorizer, retry=retry)
+    app = build_app(settings, make_authorizer=make_authorizer, retry=retry)
     runner = make_runner(app, settings)
     await runner.setup()
     if runner.server is not None:
@@ -203,7 +202,7 @@ async def serve(
     settings: Settings,
     *,
     ready: asyncio.Event | None = None,
-    authorizer: Authorizer | None = None,
+    make_authorizer: AuthorizerFactory | None = None,
     stop: asyncio.Event | None = None,
     reuse_port: bool = False,
     whole_process: bool = False,
@@ -212,7 +211,7 @@ async def serve(
 
     `whole_process`: this process does nothing but serve (the CLI, a worker), so process-wide tuning applies.
     """
-    running = await start(settings, authorizer=authorizer, reuse_port=reuse_port)
+    running = await start(settings, make_authorizer=make_authorizer, reuse_port=reuse_port)
     app, runner, site = running.app, running.runner, running.site
     unbatch = batch_access_log(asyncio.get_running_loop())
     if not reuse_port:  # a worker: the parent says this once for all of them

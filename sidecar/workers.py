@@ -26,10 +26,10 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from sidecar.config import Settings
-from sidecar.metrics import Metrics
 from sidecar.server import serve, warn_if_exposed
 from sidecar.token_channel import ChannelAuthorizer, TokenBroker
 from sidecar.tokens import build_authorizer
+from sidecar.tokens.base import TokenObserver
 from sidecar.tokens.manager import TokenManager
 
 log = logging.getLogger("sidecar.workers")
@@ -90,8 +90,12 @@ def _worker_process(settings: Settings, channel: socket.socket, index: int, run:
 async def _worker_main(settings: Settings, channel: socket.socket) -> int:
     stop = asyncio.Event()
     # the parent gone means no more tokens: drain and stop rather than serve until the token expires
-    authorizer = ChannelAuthorizer(channel, settings.auth.flow.value, on_lost=stop.set)
-    return await serve(settings, authorizer=authorizer, stop=stop, reuse_port=True, whole_process=True)
+    flow = settings.auth.flow.value
+
+    def make_authorizer(observer: TokenObserver) -> ChannelAuthorizer:
+        return ChannelAuthorizer(channel, flow, observer=observer, on_lost=stop.set)
+
+    return await serve(settings, make_authorizer=make_authorizer, stop=stop, reuse_port=True, whole_process=True)
 
 
 async def _supervise(
@@ -101,10 +105,9 @@ async def _supervise(
     pids: list[int],
     reserved: socket.socket,
 ) -> int:
-    metrics = Metrics()  # the parent's token counters, mirrored to every worker's /metrics
-    manager = build_authorizer(settings, observer=metrics.observe_token)
+    broker = TokenBroker(channels)  # it tells every worker of each identity-provider call (their /metrics)
+    manager = build_authorizer(settings, observer=broker.observe)
     assert isinstance(manager, TokenManager), "config refuses workers > 1 for per-caller flows"
-    broker = TokenBroker(manager, channels, metrics)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -112,7 +115,7 @@ async def _supervise(
     alive = set(pids)
     failed = False
     try:
-        await broker.start()
+        await broker.start(manager)
         await manager.start()
         warn_if_exposed(settings)
         host = settings.listen.host

@@ -6,8 +6,8 @@ from __future__ import annotations
 import importlib
 
 from sidecar.config import Flow, Settings
-from sidecar.tokens.base import AccessToken, Authorizer, IdentityError, TokenProvider
-from sidecar.tokens.manager import RetryPolicy, TokenManager, TokenObserver
+from sidecar.tokens.base import AccessToken, Authorizer, IdentityError, TokenObserver, TokenProvider
+from sidecar.tokens.manager import RetryPolicy, TokenManager
 
 __all__ = [
     "AccessToken",
@@ -19,40 +19,42 @@ __all__ = [
     "build_provider",
 ]
 
-# flow -> "module:factory"; a factory takes (settings) and returns a TokenProvider or an Authorizer.
-_FLOWS: dict[Flow, str] = {
+# flow -> "module:factory"; a factory takes (settings) and returns a TokenProvider ...
+_PROVIDERS: dict[Flow, str] = {
     Flow.CLIENT_CREDENTIALS: "sidecar.tokens.client_credentials:ClientCredentialsProvider.from_settings",
     Flow.DEVICE_CODE: "sidecar.tokens.user_signin:DeviceCodeProvider.from_settings",
     Flow.INTERACTIVE: "sidecar.tokens.user_signin:InteractiveProvider.from_settings",
-    Flow.ON_BEHALF_OF: "sidecar.tokens.on_behalf_of:OnBehalfOfAuthorizer.from_settings",
     Flow.MANAGED_IDENTITY: "sidecar.tokens.azure_identity:managed_identity",
     Flow.WORKLOAD_IDENTITY: "sidecar.tokens.azure_identity:workload_identity",
     Flow.AZURE_CLI: "sidecar.tokens.azure_identity:azure_cli",
     Flow.DEFAULT: "sidecar.tokens.azure_identity:default",
 }
+# ... or (settings, observer) and returns an Authorizer, when tokens depend on the caller.
+_AUTHORIZERS: dict[Flow, str] = {
+    Flow.ON_BEHALF_OF: "sidecar.tokens.on_behalf_of:OnBehalfOfAuthorizer.from_settings",
+}
 
 
-def _factory(flow: Flow):  # type: ignore[no-untyped-def]
-    module_name, _, attribute = _FLOWS[flow].partition(":")
-    target: object = importlib.import_module(module_name)
+def _factory(target: str):  # type: ignore[no-untyped-def]
+    module_name, _, attribute = target.partition(":")
+    found: object = importlib.import_module(module_name)
     for part in attribute.split("."):
-        target = getattr(target, part)
-    return target
+        found = getattr(found, part)
+    return found
 
 
-def build_provider(settings: Settings) -> TokenProvider | Authorizer:
-    return _factory(settings.auth.flow)(settings)
+def build_provider(settings: Settings) -> TokenProvider | None:
+    """The configured flow's provider; None when its tokens depend on the caller (it is an authorizer)."""
+    target = _PROVIDERS.get(settings.auth.flow)
+    return None if target is None else _factory(target)(settings)
 
 
 def build_authorizer(
     settings: Settings, *, observer: TokenObserver | None = None, retry: RetryPolicy | None = None
 ) -> Authorizer:
     """The proxy's token source for the configured flow: a TokenManager around a provider, or the flow's own
-    authorizer when tokens depend on the caller (on-behalf-of)."""
-    built = build_provider(settings)
-    if isinstance(built, TokenProvider):
-        return TokenManager(built, refresh_margin=settings.auth.refresh_margin, observer=observer, retry=retry)
-    set_observer = getattr(built, "set_observer", None)
-    if set_observer is not None:
-        set_observer(observer)
-    return built
+    authorizer when tokens depend on the caller (on-behalf-of). `observer` is told of every identity-provider call."""
+    provider = build_provider(settings)
+    if provider is None:
+        return _factory(_AUTHORIZERS[settings.auth.flow])(settings, observer)
+    return TokenManager(provider, refresh_margin=settings.auth.refresh_margin, observer=observer, retry=retry)

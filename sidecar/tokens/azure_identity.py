@@ -30,7 +30,7 @@ from sidecar.config import (
     WorkloadIdentityAuth,
 )
 from sidecar.tokens._msal import _HINTS
-from sidecar.tokens.base import AccessToken, IdentityError
+from sidecar.tokens.base import AccessToken, IdentityError, TokenProvider
 
 _CODE = re.compile(r"\bAADSTS\d+\b")
 
@@ -61,7 +61,7 @@ logging.getLogger("azure.identity").setLevel(logging.ERROR)
 CredentialFactory = Callable[[], AsyncTokenCredential]
 
 
-class AzureIdentityProvider:
+class AzureIdentityProvider(TokenProvider):
     """Any azure-identity async credential as a TokenProvider for one scope.
 
     A new credential is built for every fetch and closed right after it. azure-identity's credentials keep

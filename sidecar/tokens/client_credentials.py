@@ -10,7 +10,7 @@ import msal
 
 from sidecar.config import ClientCredentialsAuth, ConfidentialClientAuth, Settings, TlsConfig, read_secret_file
 from sidecar.tokens import _msal
-from sidecar.tokens.base import AccessToken, IdentityError
+from sidecar.tokens.base import AccessToken, IdentityError, TokenProvider
 
 
 def load_certificate(path: Path, password: str | None) -> dict[str, Any]:
@@ -93,7 +93,7 @@ class ConfidentialApp:
             self._app.http_client.close()
 
 
-class ClientCredentialsProvider:
+class ClientCredentialsProvider(TokenProvider):
     flow = "client_credentials"
 
     def __init__(self, auth: ClientCredentialsAuth, tls: TlsConfig) -> None:

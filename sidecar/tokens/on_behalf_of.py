@@ -23,10 +23,10 @@ import msal
 
 from sidecar.config import OnBehalfOfAuth, Settings, TlsConfig
 from sidecar.tokens import _msal
-from sidecar.tokens.base import AccessToken, IdentityError
+from sidecar.tokens.base import AccessToken, Authorizer, IdentityError, TokenObserver
 from sidecar.tokens.caller_token import CallerTokenValidator
 from sidecar.tokens.client_credentials import ConfidentialApp
-from sidecar.tokens.manager import EXPIRY_SKEW, TokenObserver, refresh_at
+from sidecar.tokens.manager import refresh_at
 
 log = logging.getLogger("sidecar.tokens")
 
@@ -64,7 +64,7 @@ class _Entry:
         self.quiet_until = 0.0  # monotonic; set when this token, too, was rejected
 
     def fresh(self, now: float) -> bool:
-        return now < self.refresh_due and self.token.expires_on - now > EXPIRY_SKEW
+        return now < self.refresh_due and self.token.usable(now)
 
 
 class _Pending:
@@ -86,8 +86,9 @@ def bearer_of(headers: Mapping[str, str]) -> str | None:
     return token or None
 
 
-class OnBehalfOfAuthorizer:
+class OnBehalfOfAuthorizer(Authorizer):
     flow = "on_behalf_of"
+    takes_caller_bearer = True
 
     def __init__(
         self,
@@ -107,17 +108,13 @@ class OnBehalfOfAuthorizer:
         self._pending: dict[str, _Pending] = {}
         self._failures: OrderedDict[str, tuple[float, IdentityError]] = OrderedDict()
         self._observer = observer
-        self.exchanges = 0  # identity-provider calls made, for `sidecar check` and tests
         self._exchange_error: IdentityError | None = None  # the sidecar's own, never a caller's
         self._recovery: asyncio.Task[None] | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> OnBehalfOfAuthorizer:
+    def from_settings(cls, settings: Settings, observer: TokenObserver | None = None) -> OnBehalfOfAuthorizer:
         assert isinstance(settings.auth, OnBehalfOfAuth)
-        return cls(settings.auth, settings.tls)
-
-    def set_observer(self, observer: TokenObserver | None) -> None:
-        self._observer = observer
+        return cls(settings.auth, settings.tls, observer=observer)
 
     async def start(self) -> None:
         await self._validator.start()
@@ -145,9 +142,6 @@ class OnBehalfOfAuthorizer:
         # There is no token to hold before a caller arrives; ready unless the sidecar itself cannot work.
         # A caller's bad token is that caller's 401, never the whole pod's readiness.
         return self.last_error is None
-
-    def seconds_until_expiry(self) -> float | None:
-        return None
 
     def _key(self, assertion: str) -> str:
         return hashlib.sha256(f"{self._scope}\0{assertion}".encode()).hexdigest()
@@ -218,7 +212,6 @@ class OnBehalfOfAuthorizer:
             claims = await self._validator.claims(assertion)
             started = time.monotonic()
             requested_at, result = await _msal.call_msal(self._acquire, assertion)
-            self.exchanges += 1
             if "access_token" not in result:
                 caller_error = result.get("error") in _CALLER_ERRORS
                 error = _msal.error_from_result(result, status=401 if caller_error else 503)
@@ -266,7 +259,7 @@ class OnBehalfOfAuthorizer:
             if self._exchange_error is None:
                 return
             try:
-                await self.verify_client()
+                await self.check()
             except IdentityError as exc:
                 log.info("on-behalf-of credential still failing: %s", exc.one_line())
                 delay = min(delay * 2, RECOVERY_MAX_DELAY)
@@ -294,7 +287,7 @@ class OnBehalfOfAuthorizer:
         requested_at = _msal.now()
         return requested_at, app.acquire_token_on_behalf_of(user_assertion=assertion, scopes=[self._scope])
 
-    async def verify_client(self) -> tuple[str, str]:
+    async def check(self) -> tuple[str, str | None]:
         """For `sidecar check`, which has no caller token to exchange: prove that the confidential client
         (tenant, client id, secret or certificate) is accepted, with an app-only token for the app itself
         (`<client_id>/.default`), which needs no API permission. Returns the token and what was verified."""

@@ -18,7 +18,7 @@ import msal
 
 from sidecar.config import Settings, TlsConfig, UserSignInAuth
 from sidecar.tokens import _msal
-from sidecar.tokens.base import AccessToken, IdentityError
+from sidecar.tokens.base import AccessToken, IdentityError, TokenProvider
 from sidecar.tokens.token_cache import PersistentTokenCache
 
 log = logging.getLogger("sidecar.tokens")
@@ -113,7 +113,7 @@ def _needs_signin(result: dict[str, Any] | None) -> bool:
     return result is None or result.get("error") in ("invalid_grant", "interaction_required")
 
 
-class DeviceCodeProvider:
+class DeviceCodeProvider(TokenProvider):
     flow = "device_code"
     pending_message = "waiting for a user to sign in: the device code is in the sidecar's log (stderr)"
 
@@ -122,8 +122,8 @@ class DeviceCodeProvider:
 
     @property
     def max_wait(self) -> float:
-        """How long a request waits for the fetch in flight (the manager asks on every wait). Requests must not
-        hang while a person signs in: they get 503 at once then; a silent renewal is one IdP call, worth waiting."""
+        # Requests must not hang while a person signs in: they get 503 at once then; a silent renewal is one
+        # identity-provider call, worth waiting for.
         return 0.0 if self._client.awaiting_user else 30.0
 
     @classmethod
@@ -142,9 +142,12 @@ class DeviceCodeProvider:
         requested_at, result = await _msal.call_msal(self._acquire)
         return _msal.token_from_result(result, requested_at)
 
-    async def login(self) -> str:
-        """`sidecar login`: a device flow in the foreground; returns the signed-in user's name."""
-        requested_at, result = await _msal.call_msal(self._client.device_flow, announce_device_code)
+    async def login(self, *, browser: bool) -> str:
+        """`sidecar login`: a device flow (or with `browser`, a browser sign-in) in the foreground."""
+        if browser:
+            requested_at, result = await _msal.call_msal(self._client.browser)
+        else:
+            requested_at, result = await _msal.call_msal(self._client.device_flow, announce_device_code)
         _msal.token_from_result(result, requested_at)
         return self._client.username() or "unknown user"
 
@@ -182,10 +185,5 @@ class InteractiveProvider(DeviceCodeProvider):
         assert result is not None
         return requested_at, result
 
-    async def login(self) -> str:
-        requested_at, result = await _msal.call_msal(self._client.browser)
-        _msal.token_from_result(result, requested_at)
-        return self._client.username() or "unknown user"
-
-    async def login_with_device_code(self) -> str:
-        return await DeviceCodeProvider.login(self)
+    async def login(self, *, browser: bool) -> str:
+        return await super().login(browser=True)  # this flow is the browser sign-in, --browser or not
