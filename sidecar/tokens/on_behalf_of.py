@@ -17,16 +17,17 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msal
 
 from sidecar.config import OnBehalfOfAuth, Settings, TlsConfig
 from sidecar.tokens import _msal
 from sidecar.tokens.base import AccessToken, Authorizer, IdentityError, TokenObserver
-from sidecar.tokens.caller_token import CallerTokenValidator
-from sidecar.tokens.client_credentials import ConfidentialApp
 from sidecar.tokens.manager import refresh_at
+
+if TYPE_CHECKING:  # imported by build(): PyJWT loads cryptography (~9 MB), which other flows never need
+    from sidecar.tokens.caller_token import CallerTokenValidator
 
 log = logging.getLogger("sidecar.tokens")
 
@@ -95,26 +96,21 @@ class OnBehalfOfAuthorizer(Authorizer):
         auth: OnBehalfOfAuth,
         tls: TlsConfig,
         *,
+        validator: CallerTokenValidator,
         observer: TokenObserver | None = None,
-        validator: CallerTokenValidator | None = None,
     ) -> None:
         self._scope = auth.scope
         self._client_id = auth.client_id
         self._margin = auth.refresh_margin
         self._capacity = auth.obo_cache_size
-        self._app = ConfidentialApp(auth, tls, token_cache=_NoCache())
-        self._validator = validator or CallerTokenValidator(auth, tls)
+        self._app = _msal.ConfidentialApp(auth, tls, token_cache=_NoCache())
+        self._validator = validator
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._pending: dict[str, _Pending] = {}
         self._failures: OrderedDict[str, tuple[float, IdentityError]] = OrderedDict()
         self._observer = observer
         self._exchange_error: IdentityError | None = None  # the sidecar's own, never a caller's
         self._recovery: asyncio.Task[None] | None = None
-
-    @classmethod
-    def from_settings(cls, settings: Settings, observer: TokenObserver | None = None) -> OnBehalfOfAuthorizer:
-        assert isinstance(settings.auth, OnBehalfOfAuth)
-        return cls(settings.auth, settings.tls, observer=observer)
 
     async def start(self) -> None:
         await self._validator.start()
@@ -284,7 +280,7 @@ class OnBehalfOfAuthorizer(Authorizer):
 
     def _acquire(self, assertion: str) -> tuple[float, dict[str, Any]]:
         app = self._app.get()
-        requested_at = _msal.now()
+        requested_at = time.time()
         return requested_at, app.acquire_token_on_behalf_of(user_assertion=assertion, scopes=[self._scope])
 
     async def check(self) -> tuple[str, str | None]:
@@ -302,7 +298,7 @@ class OnBehalfOfAuthorizer(Authorizer):
 
     def _app_only_token(self) -> tuple[float, dict[str, Any]]:
         app = self._app.get()
-        requested_at = _msal.now()
+        requested_at = time.time()
         return requested_at, app.acquire_token_for_client(scopes=[f"{self._client_id}/.default"])
 
     def _observe(self, outcome: str, started: float) -> None:
@@ -313,3 +309,13 @@ class OnBehalfOfAuthorizer(Authorizer):
 def _consume(task: asyncio.Task[None]) -> None:
     if not task.cancelled():
         task.exception()
+
+
+def build(settings: Settings, observer: TokenObserver | None = None) -> Authorizer:
+    from sidecar.tokens.caller_token import CallerTokenValidator
+
+    auth = settings.auth
+    assert isinstance(auth, OnBehalfOfAuth)
+    return OnBehalfOfAuthorizer(
+        auth, settings.tls, validator=CallerTokenValidator(auth, settings.tls), observer=observer
+    )

@@ -1,9 +1,6 @@
-"""User sign-in flows through msal's PublicClientApplication: device code and interactive browser.
-
-Both share one persistent token cache. `serve` renews silently with the refresh token; when there is no
-account (or its refresh token is gone) device_code starts a device flow and prints the code, interactive asks
-the operator to run `sidecar login --browser`.
-"""
+"""What the two sign-in flows (device_code, interactive) share: msal's PublicClientApplication with the
+persistent token cache, and a provider that renews silently from the cached account's refresh token and signs
+a person in for `sidecar login`. What a flow does when no account is cached is the flow's own (`_acquire`)."""
 
 from __future__ import annotations
 
@@ -11,20 +8,29 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable
+from abc import abstractmethod
 from typing import Any
 
 import msal
 
-from sidecar.config import Settings, TlsConfig, UserSignInAuth
+from sidecar.config import TlsConfig, UserSignInAuth
 from sidecar.tokens import _msal
-from sidecar.tokens.base import AccessToken, IdentityError, TokenProvider
+from sidecar.tokens.base import AccessToken, TokenProvider
 from sidecar.tokens.token_cache import PersistentTokenCache
 
 log = logging.getLogger("sidecar.tokens")
 
+Answer = tuple[float, dict[str, Any]]  # when msal was asked, and its answer
 
-class _PublicClient:
+
+def announce_device_code(message: str) -> None:
+    """The sign-in instruction goes to stderr (visible in `docker compose up`) and to the log."""
+    banner = "=" * 78
+    print(f"\n{banner}\n  SIGN-IN NEEDED: {message}\n{banner}\n", file=sys.stderr, flush=True)
+    log.warning("sign-in needed: %s", message)
+
+
+class PublicClient:
     """The msal public client app and its persistent cache; every method blocks (run it in a thread)."""
 
     def __init__(self, auth: UserSignInAuth, tls: TlsConfig) -> None:
@@ -51,38 +57,41 @@ class _PublicClient:
                 )
             return self._app
 
-    def silent(self) -> tuple[float, dict[str, Any] | None]:
-        """A fresh token from the refresh token of the cached account, or None when sign-in is needed."""
+    def silent(self) -> Answer | None:
+        """A fresh token from the refresh token of the cached account; None when a person must sign in (no
+        account, or its sign-in has expired or was revoked)."""
         self.cache.reload()
         accounts = self.app.get_accounts()
         if not accounts:
-            return _msal.now(), None
-        requested_at = _msal.now()
+            return None
+        requested_at = time.time()
         # force_refresh: the manager asks only when it wants a new token, msal's copy would be the old one
         result = self.app.acquire_token_silent_with_error(self.scopes, account=accounts[0], force_refresh=True)
         self.cache.save()
+        if result is None or result.get("error") in ("invalid_grant", "interaction_required"):
+            return None
         return requested_at, result
 
-    def device_flow(self, announce: Callable[[str], None]) -> tuple[float, dict[str, Any]]:
+    def device_flow(self) -> Answer:
         flow = self.app.initiate_device_flow(scopes=self.scopes)
         if "user_code" not in flow:
             raise _msal.error_from_result(flow)
-        announce(flow["message"])
+        announce_device_code(flow["message"])
         self.awaiting_user = True
         try:
             # polls until approved, declined or expired, or until the sidecar shuts down
             result = self.app.acquire_token_by_device_flow(flow, exit_condition=self._stop_polling)
         finally:
             self.awaiting_user = False
-        requested_at = _msal.now()
+        requested_at = time.time()
         self.cache.save()
         return requested_at, result
 
     def _stop_polling(self, flow: dict[str, Any]) -> bool:
         return self.closing.is_set() or flow.get("expires_at", 0) < time.time()
 
-    def browser(self, timeout: float = 600) -> tuple[float, dict[str, Any]]:
-        requested_at = _msal.now()
+    def browser(self, timeout: float = 600) -> Answer:
+        requested_at = time.time()
         # without a timeout msal would wait forever for a browser that never comes back
         result = self.app.acquire_token_interactive(self.scopes, prompt="select_account", timeout=timeout)
         self.cache.save()
@@ -102,23 +111,16 @@ class _PublicClient:
         self._options["http_client"].close()
 
 
-def announce_device_code(message: str) -> None:
-    """The sign-in instruction goes to stderr (visible in `docker compose up`) and to the log."""
-    banner = "=" * 78
-    print(f"\n{banner}\n  SIGN-IN NEEDED: {message}\n{banner}\n", file=sys.stderr, flush=True)
-    log.warning("sign-in needed: %s", message)
-
-
-def _needs_signin(result: dict[str, Any] | None) -> bool:
-    return result is None or result.get("error") in ("invalid_grant", "interaction_required")
-
-
-class DeviceCodeProvider(TokenProvider):
-    flow = "device_code"
-    pending_message = "waiting for a user to sign in: the device code is in the sidecar's log (stderr)"
+class SignInProvider(TokenProvider):
+    """A sign-in flow's provider (TokenProvider and SignIn): fetch renews silently, or does what `_acquire` says
+    when no account is cached; login signs a person in in the foreground."""
 
     def __init__(self, auth: UserSignInAuth, tls: TlsConfig) -> None:
-        self._client = _PublicClient(auth, tls)
+        self._client = PublicClient(auth, tls)
+
+    @abstractmethod
+    def _acquire(self) -> Answer:
+        """In a worker thread: a token from the cached account, or the flow's way to a sign-in."""
 
     @property
     def max_wait(self) -> float:
@@ -126,17 +128,9 @@ class DeviceCodeProvider(TokenProvider):
         # identity-provider call, worth waiting for.
         return 0.0 if self._client.awaiting_user else 30.0
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> DeviceCodeProvider:
-        assert isinstance(settings.auth, UserSignInAuth)
-        return cls(settings.auth, settings.tls)
-
-    def _acquire(self) -> tuple[float, dict[str, Any]]:
-        requested_at, result = self._client.silent()
-        if _needs_signin(result):
-            return self._client.device_flow(announce_device_code)
-        assert result is not None
-        return requested_at, result
+    @property
+    def cache_path(self) -> str:
+        return str(self._client.cache.path)
 
     async def fetch(self) -> AccessToken:
         requested_at, result = await _msal.call_msal(self._acquire)
@@ -144,46 +138,12 @@ class DeviceCodeProvider(TokenProvider):
 
     async def login(self, *, browser: bool) -> str:
         """`sidecar login`: a device flow (or with `browser`, a browser sign-in) in the foreground."""
-        if browser:
-            requested_at, result = await _msal.call_msal(self._client.browser)
-        else:
-            requested_at, result = await _msal.call_msal(self._client.device_flow, announce_device_code)
+        requested_at, result = await _msal.call_msal(self._client.browser if browser else self._client.device_flow)
         _msal.token_from_result(result, requested_at)
         return self._client.username() or "unknown user"
 
     async def logout(self) -> bool:
         return await _msal.call_msal(self._client.sign_out)
 
-    @property
-    def cache_path(self) -> str:
-        return str(self._client.cache.path)
-
     async def aclose(self) -> None:
         self._client.close()
-
-
-class InteractiveProvider(DeviceCodeProvider):
-    """Authorization code + PKCE in the system browser. `serve` only renews silently: a server cannot open a
-    browser for someone, so an empty cache is an error that says to run `sidecar login --browser`."""
-
-    flow = "interactive"
-    pending_message = "not signed in yet: run `sidecar login --browser`"
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> InteractiveProvider:
-        assert isinstance(settings.auth, UserSignInAuth)
-        return cls(settings.auth, settings.tls)
-
-    def _acquire(self) -> tuple[float, dict[str, Any]]:
-        requested_at, result = self._client.silent()
-        if _needs_signin(result):
-            raise IdentityError(
-                "not signed in (no account in the token cache, or its sign-in has expired)",
-                retryable=True,  # the cache file is re-read on every attempt, so a later login is picked up
-                hint=f"run `sidecar login --browser` (token cache: {self._client.cache.path})",
-            )
-        assert result is not None
-        return requested_at, result
-
-    async def login(self, *, browser: bool) -> str:
-        return await super().login(browser=True)  # this flow is the browser sign-in, --browser or not
