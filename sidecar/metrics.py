@@ -9,9 +9,8 @@ plain integers need no lock.
 
 from __future__ import annotations
 
-import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -108,14 +107,12 @@ class _Collector:
 
     def collect(self) -> Iterator[Metric]:
         m = self._m
-        requests = CounterMetricFamily(
+        yield _counters(
             "sidecar_requests",
             "Requests answered, by method, status class and route family",
-            labels=["method", "status_class", "route"],
+            ["method", "status_class", "route"],
+            m.requests.items(),
         )
-        for labels, count in m.requests.items():
-            requests.add_metric(list(labels), count)
-        yield requests
         yield _histograms(
             "sidecar_upstream_duration_seconds",
             "Time from sending upstream to the end of the response",
@@ -131,14 +128,12 @@ class _Collector:
         yield GaugeMetricFamily("sidecar_active_streams", "Responses being streamed now", value=m.active_streams)
         yield CounterMetricFamily("sidecar_request_bytes", "Request body bytes sent upstream", value=m.bytes_in)
         yield CounterMetricFamily("sidecar_response_bytes", "Response body bytes sent to callers", value=m.bytes_out)
-        tokens = CounterMetricFamily(
+        yield _counters(
             "sidecar_token_acquisitions",
             "Token requests to the identity provider, by flow and outcome",
-            labels=["flow", "outcome"],
+            ["flow", "outcome"],
+            m.token_acquisitions.items(),
         )
-        for labels, count in m.token_acquisitions.items():
-            tokens.add_metric(list(labels), count)
-        yield tokens
         yield _histograms(
             "sidecar_identity_provider_duration_seconds",
             "Time the identity provider took to answer",
@@ -152,12 +147,17 @@ class _Collector:
         )
 
 
+def _counters(
+    name: str, documentation: str, labels: list[str], counts: Iterable[tuple[tuple[str, ...], int]]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for values, count in counts:
+        family.add_metric(list(values), count)
+    return family
+
+
 def _histograms(name: str, documentation: str, label: str, by_label: dict[str, Histogram]) -> HistogramMetricFamily:
     family = HistogramMetricFamily(name, documentation, labels=[label])
     for value, histogram in by_label.items():
         family.add_metric([value], histogram.buckets(), histogram.total)
     return family
-
-
-def now() -> float:
-    return time.monotonic()

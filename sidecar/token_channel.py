@@ -29,7 +29,7 @@ import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from sidecar.tokens.base import AccessToken, Authorizer, IdentityError, TokenObserver, usable
+from sidecar.tokens.base import AccessToken, Authorizer, IdentityError, TokenObserver, mark_retrieved, usable
 from sidecar.tokens.manager import TokenManager
 
 log = logging.getLogger("sidecar.workers")
@@ -203,7 +203,7 @@ class ChannelAuthorizer(Authorizer):
         if self._lost or self._writer is None or self._writer.is_closing():
             future.set_exception(IdentityError("the sidecar's token process has stopped", retryable=True))
             return future
-        future.add_done_callback(_retrieve)  # an answer nobody awaits (the first "get") must not warn
+        future.add_done_callback(mark_retrieved)  # an answer nobody awaits (the first "get") must not warn
         self._next_id += 1
         self._asking[key] = (self._next_id, future)
         self._writer.write(json.dumps({**message, "id": self._next_id}).encode() + b"\n")
@@ -289,8 +289,3 @@ class ChannelAuthorizer(Authorizer):
                 future.set_exception(error)
             else:
                 future.set_result(token)  # None only for a "no_token" answer
-
-
-def _retrieve(future: asyncio.Future[AccessToken | None]) -> None:
-    if not future.cancelled():
-        future.exception()

@@ -3,11 +3,12 @@ sidecar uses on a flow, declared here with all its members (nothing is looked up
 
 from __future__ import annotations
 
+import asyncio
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 # A token this close to expiry is never injected: it could expire on its way to the upstream.
 EXPIRY_SKEW = 1.0
@@ -31,6 +32,21 @@ class AccessToken:
 
 def usable(token: AccessToken | None) -> bool:
     return token is not None and token.usable()
+
+
+def bearer_token(headers: Mapping[str, str]) -> str | None:
+    """The token in the caller's `Authorization: Bearer <token>`, if that is what the header holds."""
+    value = headers.get("Authorization") or ""
+    if value[:7].lower() != "bearer ":
+        return None
+    return value[7:].strip() or None
+
+
+def mark_retrieved(future: asyncio.Future[Any]) -> None:
+    """Done callback for a task or future whose answer nobody may await (its callers were cancelled, or nobody
+    asked): retrieving its exception keeps asyncio from logging "exception was never retrieved"."""
+    if not future.cancelled():
+        future.exception()
 
 
 class IdentityError(Exception):
@@ -125,6 +141,7 @@ class Authorizer(ABC):
     takes_caller_bearer = False
     _current: AccessToken | None = None
     _last_error: IdentityError | None = None
+    _observer: TokenObserver | None = None
 
     async def start(self) -> None:
         """Begin the background work (the first token, signing keys); requests that arrive first wait for it."""
@@ -164,3 +181,8 @@ class Authorizer(ABC):
         """For `sidecar check` and `sidecar token`, which have no caller: one token, and a note saying what was
         verified when the token is not the kind requests get (None when it is)."""
         return await self.token_for({}), None
+
+    def _observe(self, outcome: str, started: float) -> None:
+        """Tell the observer of an identity-provider call that began at `started` (monotonic)."""
+        if self._observer is not None:
+            self._observer(self.flow, outcome, time.monotonic() - started)

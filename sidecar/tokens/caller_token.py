@@ -25,7 +25,7 @@ import jwt
 from sidecar.claims import unverified_claims
 from sidecar.config import OnBehalfOfAuth, TlsConfig
 from sidecar.tls import IDP_TIMEOUT, client_ssl_context
-from sidecar.tokens.base import IdentityError
+from sidecar.tokens.base import IdentityError, mark_retrieved
 
 log = logging.getLogger("sidecar.tokens")
 
@@ -189,7 +189,7 @@ class CallerTokenValidator:
         """Fetch the discovery document and the keys once, however many callers ask."""
         if self._fetching is None:
             self._fetching = asyncio.get_running_loop().create_future()
-            self._fetching.add_done_callback(_retrieve)
+            self._fetching.add_done_callback(mark_retrieved)  # a fetch whose callers were cancelled
             self._fetch_task = asyncio.create_task(self._fetch_into(self._fetching), name="caller-token-keys-fetch")
         await asyncio.shield(self._fetching)
 
@@ -269,9 +269,3 @@ def _fetch_error(url: str, exc: BaseException) -> IdentityError:
         return IdentityError(f"the identity provider did not send the tenant's signing keys in time ({url})")
     what = str(exc) or type(exc).__name__
     return IdentityError(f"cannot fetch the tenant's signing keys ({url}): {what}")
-
-
-def _retrieve(future: asyncio.Future[None]) -> None:
-    # a fetch nobody waited for (its callers were cancelled) must not log "exception was never retrieved"
-    if not future.cancelled():
-        future.exception()

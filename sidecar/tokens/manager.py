@@ -34,6 +34,7 @@ from sidecar.tokens.base import (
     IdentityError,
     TokenObserver,
     TokenProvider,
+    mark_retrieved,
     usable,
 )
 
@@ -234,7 +235,7 @@ class TokenManager(Authorizer):
         if inflight is None:
             inflight = self._inflight = asyncio.get_running_loop().create_future()
             task = asyncio.create_task(self._fetch_into(inflight), name=f"token-fetch-{self.flow}")
-            task.add_done_callback(_consume)
+            task.add_done_callback(mark_retrieved)
             self._fetch_task = task
         if max_wait is None:
             return await asyncio.shield(inflight)
@@ -304,10 +305,6 @@ class TokenManager(Authorizer):
             "; still serving the current token" if still else "",
         )
 
-    def _observe(self, outcome: str, started: float) -> None:
-        if self._observer is not None:
-            self._observer(self.flow, outcome, time.monotonic() - started)
-
     async def _refresh_loop(self) -> None:
         """Fetch now, then sleep until the refresh is due or a fetch fails; never exits on errors."""
         while True:
@@ -342,8 +339,3 @@ class TokenManager(Authorizer):
                     await self._wake.wait()
             except TimeoutError:
                 return
-
-
-def _consume(task: asyncio.Task[None]) -> None:
-    if not task.cancelled():
-        task.exception()

@@ -23,7 +23,7 @@ import msal
 
 from sidecar.config import OnBehalfOfAuth, Settings, TlsConfig
 from sidecar.tokens import _msal
-from sidecar.tokens.base import AccessToken, Authorizer, IdentityError, TokenObserver
+from sidecar.tokens.base import AccessToken, Authorizer, IdentityError, TokenObserver, bearer_token, mark_retrieved
 from sidecar.tokens.manager import refresh_at
 
 if TYPE_CHECKING:  # imported by build(): PyJWT loads cryptography (~9 MB), which other flows never need
@@ -77,14 +77,6 @@ class _Pending:
         self.future = future
         self.after_rejection = False
         self.task: asyncio.Task[None] | None = None
-
-
-def bearer_of(headers: Mapping[str, str]) -> str | None:
-    value = headers.get("Authorization") or ""
-    if value[:7].lower() != "bearer ":
-        return None
-    token = value[7:].strip()
-    return token or None
 
 
 class OnBehalfOfAuthorizer(Authorizer):
@@ -143,7 +135,7 @@ class OnBehalfOfAuthorizer(Authorizer):
         return hashlib.sha256(f"{self._scope}\0{assertion}".encode()).hexdigest()
 
     async def token_for(self, headers: Mapping[str, str]) -> str:
-        assertion = bearer_of(headers)
+        assertion = bearer_token(headers)
         if assertion is None:
             raise IdentityError(
                 "no user token: on-behalf-of needs the caller's own token in `Authorization: Bearer <token>`",
@@ -164,7 +156,7 @@ class OnBehalfOfAuthorizer(Authorizer):
         had now (answer the caller with the upstream's rejection). At most one exchange per held token is
         triggered by a rejection; a freshly exchanged token rejected too means no such exchange for this
         caller for REJECTION_BACKOFF."""
-        assertion = bearer_of(headers)
+        assertion = bearer_token(headers)
         if assertion is None:  # pragma: no cover - token_for already refused this request
             return None
         key = self._key(assertion)
@@ -196,7 +188,7 @@ class OnBehalfOfAuthorizer(Authorizer):
                 del self._failures[key]
             pending = self._pending[key] = _Pending(asyncio.get_running_loop().create_future())
             pending.task = asyncio.create_task(self._fetch_into(key, assertion, pending))
-            pending.task.add_done_callback(_consume)
+            pending.task.add_done_callback(mark_retrieved)
         if after_rejection:
             pending.after_rejection = True  # whatever this exchange brings counts as the rejection's re-exchange
         return await asyncio.shield(pending.future)
@@ -300,15 +292,6 @@ class OnBehalfOfAuthorizer(Authorizer):
         app = self._app.get()
         requested_at = time.time()
         return requested_at, app.acquire_token_for_client(scopes=[f"{self._client_id}/.default"])
-
-    def _observe(self, outcome: str, started: float) -> None:
-        if self._observer is not None:
-            self._observer(self.flow, outcome, time.monotonic() - started)
-
-
-def _consume(task: asyncio.Task[None]) -> None:
-    if not task.cancelled():
-        task.exception()
 
 
 def build(settings: Settings, observer: TokenObserver | None = None) -> Authorizer:
