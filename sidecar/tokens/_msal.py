@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import msal
 import requests
+from msal_extensions import LockError
 
 from sidecar.config import ConfidentialClientAuth, EntraAppAuth, TlsConfig, read_secret_file
 from sidecar.tls import PinnedCASession
@@ -137,6 +138,8 @@ async def call_msal(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise IdentityError("the identity provider did not answer in time", retryable=True) from None
     except requests.exceptions.RequestException as exc:
         raise IdentityError(f"cannot reach the identity provider: {_short(exc)}", retryable=True) from None
+    except LockError as exc:  # the sign-in cache's lock file (tokens/token_cache.py): held, or left by a crash
+        raise IdentityError(f"the sign-in cache is locked: {_short(exc)}", retryable=True) from None
     except msal.exceptions.MsalServiceError as exc:
         # msal raises (rather than returning the error body) when the provider answers 5xx
         raise IdentityError(f"the identity provider is failing ({_short(exc)})", retryable=True) from None

@@ -52,6 +52,7 @@ class PublicClient:
         identity provider is unreachable (the manager retries instead)."""
         with self._building:
             if self._app is None:
+                log.info("%s", self.cache.describe())
                 self._app = msal.PublicClientApplication(
                     client_id=self._client_id, token_cache=self.cache, **self._options
                 )
@@ -60,14 +61,13 @@ class PublicClient:
     def silent(self) -> Answer | None:
         """A fresh token from the refresh token of the cached account; None when a person must sign in (no
         account, or its sign-in has expired or was revoked)."""
-        self.cache.reload()
-        accounts = self.app.get_accounts()
+        self.cache.forget_if_removed()
+        accounts = self.app.get_accounts()  # the cache re-reads its file if another process changed it
         if not accounts:
             return None
         requested_at = time.time()
         # force_refresh: the manager asks only when it wants a new token, msal's copy would be the old one
         result = self.app.acquire_token_silent_with_error(self.scopes, account=accounts[0], force_refresh=True)
-        self.cache.save()
         if result is None or result.get("error") in ("invalid_grant", "interaction_required"):
             return None
         return requested_at, result
@@ -83,9 +83,7 @@ class PublicClient:
             result = self.app.acquire_token_by_device_flow(flow, exit_condition=self._stop_polling)
         finally:
             self.awaiting_user = False
-        requested_at = time.time()
-        self.cache.save()
-        return requested_at, result
+        return time.time(), result
 
     def _stop_polling(self, flow: dict[str, Any]) -> bool:
         return self.closing.is_set() or flow.get("expires_at", 0) < time.time()
@@ -93,18 +91,14 @@ class PublicClient:
     def browser(self, timeout: float = 600) -> Answer:
         requested_at = time.time()
         # without a timeout msal would wait forever for a browser that never comes back
-        result = self.app.acquire_token_interactive(self.scopes, prompt="select_account", timeout=timeout)
-        self.cache.save()
-        return requested_at, result
+        return requested_at, self.app.acquire_token_interactive(self.scopes, prompt="select_account", timeout=timeout)
 
     def username(self) -> str | None:
         accounts = self.app.get_accounts()
         return accounts[0].get("username") if accounts else None
 
     def sign_out(self) -> bool:
-        # The file is the whole sign-in (msal's remove_account only edits the cache): deleting it needs no
-        # msal app, hence no identity provider, so logout works offline too.
-        return self.cache.clear_file()
+        return self.cache.clear()
 
     def close(self) -> None:
         self.closing.set()
