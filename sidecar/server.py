@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import signal
+import socket
 import time
 from dataclasses import dataclass
 
@@ -136,11 +137,13 @@ def _close_if_silent(handler: RequestHandler) -> None:
 
 
 class GuardedSite(web.TCPSite):
-    """aiohttp's TCPSite, with the ConnectionGuard between the listening socket and aiohttp's server."""
+    """aiohttp's TCPSite, with the ConnectionGuard between the listening socket and aiohttp's server. It listens
+    on `sock` when given one (already bound), else on `listen.host`/`listen.port`."""
 
-    def __init__(self, runner: web.AppRunner, settings: Settings, *, reuse_port: bool = False) -> None:
-        super().__init__(runner, settings.listen.host, settings.listen.port, reuse_address=True, reuse_port=reuse_port)
+    def __init__(self, runner: web.AppRunner, settings: Settings, *, sock: socket.socket | None = None) -> None:
+        super().__init__(runner, settings.listen.host, settings.listen.port, reuse_address=True)
         self._settings = settings
+        self._sock = sock
         self.guard: ConnectionGuard | None = None
 
     async def start(self) -> None:
@@ -152,9 +155,13 @@ class GuardedSite(web.TCPSite):
             server, max_connections=listen.max_connections, header_timeout=listen.header_timeout
         )
         # TCPSite.start's own steps (aiohttp 3.14), with the guard as the protocol factory
-        self._server = await asyncio.get_running_loop().create_server(
-            self.guard, self._host, self._port, backlog=self._backlog, reuse_address=True, reuse_port=self._reuse_port
-        )
+        loop = asyncio.get_running_loop()
+        if self._sock is not None:
+            self._server = await loop.create_server(self.guard, sock=self._sock, backlog=self._backlog)
+        else:
+            self._server = await loop.create_server(
+                self.guard, self._host, self._port, backlog=self._backlog, reuse_address=True
+            )
         self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
 
 
@@ -176,9 +183,9 @@ async def start(
     *,
     make_authorizer: AuthorizerFactory | None = None,
     retry: RetryPolicy | None = None,
-    reuse_port: bool = False,
+    sock: socket.socket | None = None,
 ) -> RunningSidecar:
-    """Build and start the app. `reuse_port`: one of several worker processes listening on the same port."""
+    """Build and start the app; it listens on `sock` when given one (bound by the caller), else on `listen`."""
     app = build_app(settings, make_authorizer=make_authorizer, retry=retry)
     runner = make_runner(app, settings)
     await runner.setup()
@@ -186,7 +193,7 @@ async def start(
         # The app routes every path to one function; calling it directly skips aiohttp's router and
         # Application._handle (see build_dispatch). No connection exists yet: all of them use it.
         runner.server.request_handler = app[DISPATCH]
-    site = GuardedSite(runner, settings, reuse_port=reuse_port)
+    site = GuardedSite(runner, settings, sock=sock)
     try:
         await site.start()
     except OSError:
@@ -204,17 +211,18 @@ async def serve(
     ready: asyncio.Event | None = None,
     make_authorizer: AuthorizerFactory | None = None,
     stop: asyncio.Event | None = None,
-    reuse_port: bool = False,
+    sock: socket.socket | None = None,
     whole_process: bool = False,
 ) -> int:
-    """Serve until SIGTERM/SIGINT (or `stop` is set), then drain. Workers pass their authorizer and port.
+    """Serve until SIGTERM/SIGINT (or `stop` is set), then drain.
 
-    `whole_process`: this process does nothing but serve (the CLI, a worker), so process-wide tuning applies.
+    `sock`: a socket the caller bound (and announces); `whole_process`: this process does nothing but serve, so
+    process-wide tuning applies.
     """
-    running = await start(settings, make_authorizer=make_authorizer, reuse_port=reuse_port)
+    running = await start(settings, make_authorizer=make_authorizer, sock=sock)
     app, runner, site = running.app, running.runner, running.site
     unbatch = batch_access_log(asyncio.get_running_loop())
-    if not reuse_port:  # a worker: the parent says this once for all of them
+    if sock is None:  # who bound the socket says where it listens (workers: their parent, once for all)
         warn_if_exposed(settings)
         log.info(
             "sidecar listening on %s -> %s (flow %s)",

@@ -1,11 +1,15 @@
-"""One token for every worker process: the parent owns the TokenManager, the workers ask it over a channel.
+"""One token for every worker process: the parent owns the authorizer, the workers ask it over a channel.
+
+Both ends use only declared interfaces (tokens/base.py): a worker's ChannelAuthorizer is an Authorizer like any
+other, and the parent's TokenBroker serves the workers from the parent's Authorizer (token_for,
+token_after_rejection, current) as its observer, so neither the manager nor the app knows workers exist.
 
 Each worker gets one end of a socketpair made before the fork: nothing on the filesystem, nothing another
 process could connect to. Messages are JSON lines.
 
-  parent -> worker  {"token": ..., "expires_on": ..., "refresh_on": ...} for every new token (pushed by the
-                    manager's refresh loop) and as the answer to a request ({"id": n, ...});
-                    {"observed": [flow, outcome, seconds]} for every identity-provider call, so that each
+  parent -> worker  {"token": ..., "expires_on": ..., "refresh_on": ...} for every new token (pushed when the
+                    observer hears of a successful call) and as the answer to a request ({"id": n, ...});
+                    {"observed": [outcome, seconds]} for every identity-provider call, so that each
                     worker's /metrics counts the parent's calls (the worker's authorizer tells its observer);
                     {"id": n, "error": {...}} when a request could not be served;
                     {"id": n, "no_token": true}: no new token for that rejection now (the manager's rejection
@@ -30,7 +34,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from sidecar.tokens.base import AccessToken, Authorizer, IdentityError, TokenObserver, mark_retrieved, usable
-from sidecar.tokens.manager import TokenManager
 
 log = logging.getLogger("sidecar.workers")
 
@@ -63,32 +66,31 @@ def _error_message(error: IdentityError, request_id: int | None) -> bytes:
 
 
 class TokenBroker:
-    """The parent's side: answers the workers from one TokenManager and pushes every new token to all. It is the
-    manager's observer (`observe`): every identity-provider call is told to every worker."""
+    """The parent's side: answers the workers from the parent's authorizer, and is that authorizer's observer
+    (`observe`, given when the authorizer is built): every identity-provider call is told to every worker, and
+    after a successful one the new token is pushed to all."""
 
     def __init__(self, channels: list[socket.socket]) -> None:
         self._channels = channels
-        self._manager: TokenManager | None = None
+        self._authorizer: Authorizer | None = None
         self._writers: list[asyncio.StreamWriter] = []
         self._tasks: list[asyncio.Task[None]] = []
 
-    async def start(self, manager: TokenManager) -> None:
-        self._manager = manager
+    async def start(self, authorizer: Authorizer) -> None:
+        """Serve the workers from `authorizer`; start it after this, so that no call goes untold."""
+        self._authorizer = authorizer
         for channel in self._channels:
             reader, writer = await asyncio.open_unix_connection(sock=channel)
             self._writers.append(writer)
             self._tasks.append(asyncio.create_task(self._serve(reader, writer), name="token-broker"))
-        manager.add_listener(self._push)
 
     def observe(self, flow: str, outcome: str, seconds: float) -> None:
-        self._send_all(json.dumps({"observed": [flow, outcome, seconds]}).encode() + b"\n")
-
-    def _push(self, token: AccessToken) -> None:
-        self._send_all(_token_message(token))
+        self._send_all(json.dumps({"observed": [outcome, seconds]}).encode() + b"\n")
+        held = self._authorizer.current if self._authorizer is not None else None
+        if outcome == "success" and held is not None:
+            self._send_all(_token_message(held))  # the authorizer holds the new token when it tells its observer
 
     def _send_all(self, message: bytes) -> None:
-        # Written once the channels are open; an observation before that (none: the manager starts after the
-        # broker) would wait in the socket buffer either way.
         for writer in self._writers:
             if not writer.is_closing():
                 writer.write(message)
@@ -111,13 +113,22 @@ class TokenBroker:
                 writer.write(reply)
 
     async def _answer(self, request: Mapping[str, Any]) -> AccessToken | None:
-        manager = self._manager
-        assert manager is not None
+        authorizer = self._authorizer
+        assert authorizer is not None
         if request.get("op") == "refresh":
-            current = manager.current
-            rejected = current.token if current is not None and digest(current.token) == request.get("rejected") else ""
-            return await manager.replacement_for(rejected)  # the manager's policy: one fetch however many ask
-        return await manager.get()
+            held = authorizer.current
+            # an unknown digest ("") names a token already replaced: the authorizer answers with the held one
+            rejected = held.token if held is not None and digest(held.token) == request.get("rejected") else ""
+            token = await authorizer.token_after_rejection({}, rejected)  # its policy: one call however many ask
+            if token is None:
+                return None
+        else:
+            token = await authorizer.token_for({})
+        # The answer is the token the authorizer holds (nothing ran in between); its expiry goes with it.
+        held = authorizer.current
+        if held is None or not held.usable():  # pragma: no cover - an authorizer whose tokens are per caller
+            raise IdentityError("the sidecar's token process holds no token", retryable=True)
+        return held
 
     async def aclose(self) -> None:
         for task in self._tasks:
@@ -233,9 +244,8 @@ class ChannelAuthorizer(Authorizer):
 
     def _handle(self, message: dict[str, Any]) -> None:
         if "observed" in message:
-            if self._observer is not None:
-                flow, outcome, seconds = message["observed"]
-                self._observer(str(flow), str(outcome), float(seconds))
+            outcome, seconds = message["observed"]
+            self._observe(str(outcome), float(seconds))
             return
         request_id = message.get("id")
         if "error" in message:

@@ -4,11 +4,14 @@ sidecar uses on a flow, declared here with all its members (nothing is looked up
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
+
+log = logging.getLogger("sidecar.tokens")
 
 # A token this close to expiry is never injected: it could expire on its way to the upstream.
 EXPIRY_SKEW = 1.0
@@ -182,7 +185,11 @@ class Authorizer(ABC):
         verified when the token is not the kind requests get (None when it is)."""
         return await self.token_for({}), None
 
-    def _observe(self, outcome: str, started: float) -> None:
-        """Tell the observer of an identity-provider call that began at `started` (monotonic)."""
-        if self._observer is not None:
-            self._observer(self.flow, outcome, time.monotonic() - started)
+    def _observe(self, outcome: str, seconds: float) -> None:
+        """Tell the observer of an identity-provider call ("success" or "failure") that took `seconds`."""
+        if self._observer is None:
+            return
+        try:
+            self._observer(self.flow, outcome, seconds)
+        except Exception:  # counting calls must never break getting tokens
+            log.exception("token observer failed")

@@ -23,7 +23,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sidecar.claims import unverified_claims
@@ -117,7 +117,6 @@ class TokenManager(Authorizer):
         self._fetch_task: asyncio.Task[None] | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        self._listeners: list[Callable[[AccessToken], None]] = []
         self._last_fetch = -math.inf  # when the last fetch started (monotonic): the floor counts from it
         # What the rejection policy remembers. Tokens are compared by value: the proxy hands back the string.
         self._refreshed_for: str | None = None  # the last rejected token that cost a fetch
@@ -125,10 +124,6 @@ class TokenManager(Authorizer):
         self._replaced_at = -math.inf  # ... and when (monotonic): it is "fresh" for rejection_pause seconds
         self._pause = 0.0  # the length of the last rejection pause
         self._paused_until = -math.inf  # no fetch for a rejection before this (monotonic)
-
-    def add_listener(self, listener: Callable[[AccessToken], None]) -> None:
-        """Call `listener` with every new token (worker processes get theirs pushed this way)."""
-        self._listeners.append(listener)
 
     # -- the proxy's side -----------------------------------------------------------------------------
 
@@ -278,24 +273,19 @@ class TokenManager(Authorizer):
         self._last_error = None
         self._failures = 0
         self._next_attempt = 0.0
-        self._observe("success", started)
+        self._observe("success", time.monotonic() - started)
         log.info(
             "token acquired (flow=%s, expires in %.0f s, next refresh in %.0f s)",
             self.flow,
             token.seconds_left(),
             self._refresh_due - time.time(),
         )
-        for listener in self._listeners:
-            try:
-                listener(token)
-            except Exception:  # a listener must not break the refresh
-                log.exception("token listener failed")
 
     def _record_failure(self, error: IdentityError, started: float) -> None:
         self._last_error = error
         self._failures += 1
         self._next_attempt = time.monotonic() + min(self._retry.delay(self._failures), 5.0)
-        self._observe("failure", started)
+        self._observe("failure", time.monotonic() - started)
         still = usable(self._current)
         log.warning(
             "token request failed (flow=%s, attempt %d): %s%s",

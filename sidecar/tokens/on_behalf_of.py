@@ -211,7 +211,7 @@ class OnBehalfOfAuthorizer(Authorizer):
             # every waiter must get an answer: an error msal raises (a 5xx from the IdP) is an IdentityError too
             error = exc if isinstance(exc, IdentityError) else IdentityError(f"{type(exc).__name__}: {exc}")
             if started is not None:
-                self._observe("failure", started)
+                self._observe("failure", time.monotonic() - started)
                 if error.status != 401:
                     log.warning("on-behalf-of exchange failed: %s", error.one_line())
                     self._own_failure(error)
@@ -226,7 +226,7 @@ class OnBehalfOfAuthorizer(Authorizer):
             refresh_due = min(refresh_at(token, self._margin, issued_at), float(claims["exp"]))
             self._store(key, _Entry(token, refresh_due, pending.after_rejection))
             assert started is not None
-            self._observe("success", started)
+            self._observe("success", time.monotonic() - started)
             if not pending.future.done():
                 pending.future.set_result(token)
         finally:
