@@ -6,7 +6,8 @@ for the profile); more processes are the way to use the other cores.
 How:
 - the parent reserves the port with a bound but not listening SO_REUSEPORT socket (so port 0 becomes a real
   port and nobody else takes it), makes one socketpair per worker, and forks the workers before it starts an
-  event loop or a thread, and before the token flow's libraries (msal, cryptography) are imported;
+  event loop or a thread, and before a flow's heavy libraries (azure-identity, cryptography) are imported (msal
+  comes with the flow registry, ~1 MB that every flow needs);
 - each worker listens on that port with a SO_REUSEPORT socket of its own, so the kernel spreads new connections
   across them, and serves the app with a ChannelAuthorizer: the token comes from the parent
   (sidecar.token_channel), and the core modules see only an Authorizer and a socket;
