@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import aiohttp
 from aiohttp import web
@@ -17,7 +17,7 @@ from aiohttp import web
 from sidecar import doctor, health
 from sidecar.accesslog import AccessLog
 from sidecar.backends import Backend, Backends
-from sidecar.config import Flow, Settings, audience_of, read_secret_file
+from sidecar.config import Settings, audience_of, read_secret_file
 from sidecar.config.routes import RouteConfig
 from sidecar.errors import error_response
 from sidecar.exchange import EXCHANGE, ReplayBudget
@@ -27,7 +27,7 @@ from sidecar.proxy import Proxy
 from sidecar.routes import route_family
 from sidecar.tls import client_ssl_context
 from sidecar.tokens import build_authorizer
-from sidecar.tokens.base import Authorizer, IdentityError
+from sidecar.tokens.base import Authorizer, IdentityError, TokenObserver
 from sidecar.tokens.manager import RetryPolicy
 from sidecar.upstream import Pool
 from sidecar.websocket import UpstreamSockets, WebSocketRelay, is_websocket, key_headers
@@ -36,6 +36,8 @@ log = logging.getLogger("sidecar")
 access_log = logging.getLogger("sidecar.access")
 
 Handler = health.Handler
+# Builds the authorizer around the observer the app gives it (its metrics).
+AuthorizerFactory = Callable[[TokenObserver], Authorizer]
 
 SETTINGS = web.AppKey("settings", Settings)
 AUTHORIZER = web.AppKey("authorizer", Authorizer)
@@ -63,7 +65,7 @@ def build_dispatch(
     """
     keys = InboundKeys(
         (key.get_secret_value() for key in settings.inbound.api_keys),
-        bearer_is_key=settings.auth.flow is not Flow.ON_BEHALF_OF,
+        bearer_is_key=not authorizers[0].takes_caller_bearer,  # one flow for every route
     )
     access = AccessLog(access_log) if settings.logging.access_log else None
 
@@ -163,14 +165,14 @@ def _authorizers(
     settings: Settings,
     routes: Sequence[RouteConfig],
     metrics: Metrics,
-    given: Authorizer | None,
+    make_authorizer: AuthorizerFactory | None,
     retry: RetryPolicy | None,
 ) -> dict[str, Authorizer]:
     """One authorizer (one token cache) per scope the routes ask for; the same flow and credentials for all."""
     authorizers: dict[str, Authorizer] = {}
     for scope in dict.fromkeys(route.scope or settings.auth.scope for route in routes):
-        if scope == settings.auth.scope and given is not None:
-            authorizers[scope] = given
+        if scope == settings.auth.scope and make_authorizer is not None:
+            authorizers[scope] = make_authorizer(metrics.observe_token)
             continue
         scoped = settings.model_copy(update={"auth": settings.auth.model_copy(update={"scope": scope})})
         authorizers[scope] = build_authorizer(scoped, observer=metrics.observe_token, retry=retry)
@@ -180,11 +182,11 @@ def _authorizers(
 def build_app(
     settings: Settings,
     *,
-    authorizer: Authorizer | None = None,
+    make_authorizer: AuthorizerFactory | None = None,
     retry: RetryPolicy | None = None,
 ) -> web.Application:
-    """Everything the app needs comes from `settings` (or is handed in for tests): no module state.
-    `authorizer` serves `auth.scope` when given (tests, worker processes)."""
+    """Everything the app needs comes from `settings`, or is handed in (the authorizer of a worker process, a
+    test's retry policy): no module state. `make_authorizer` builds the one for `auth.scope`."""
     metrics = Metrics()
     state: dict[str, object] = {"draining": False, "in_flight": 0}
     app = web.Application(
@@ -195,13 +197,10 @@ def build_app(
     app[METRICS] = metrics
     app[STATE] = state
     routes = settings.effective_routes()
-    by_scope = _authorizers(settings, routes, metrics, authorizer, retry)
+    by_scope = _authorizers(settings, routes, metrics, make_authorizer, retry)
     primary = by_scope.get(settings.auth.scope) or next(iter(by_scope.values()))
     app[AUTHORIZER] = primary
     metrics.track_expiry(primary.seconds_until_expiry)
-    mirror = getattr(primary, "mirror_metrics", None)
-    if mirror is not None:  # a worker process: the token counters are the parent's
-        mirror(metrics)
     replay = ReplayBudget(settings.upstream.replay_buffer)  # one budget for every route
     proxies: list[Proxy] = []
     relays: list[WebSocketRelay] = []

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from sidecar import __version__
 from sidecar.config import ConfigError, Settings, load_config
-from sidecar.tokens.base import IdentityError
+from sidecar.tokens.base import IdentityError, SignIn
 
 EXIT_OK, EXIT_TOKEN, EXIT_CONFIG = 0, 1, 2
 DEMO_NEEDS_EMULATORS = "the demo needs the emulators: pip install ./emulators (or run `make demo` from a checkout)"
@@ -42,37 +42,18 @@ def _no_caller(settings: Settings) -> IdentityError:
     )
 
 
-async def _one_token(settings: Settings) -> str:
-    from sidecar.tokens import build_provider
-    from sidecar.tokens.base import TokenProvider
+async def _one_token(settings: Settings, *, for_check: bool) -> tuple[str, str | None]:
+    """A token with no caller, and a note when it is not the kind requests get: `check` accepts what a per-caller
+    flow proves instead (Authorizer.check); `token` must print a token for the upstream, which needs a caller."""
+    from sidecar.tokens import build_authorizer
 
-    provider = build_provider(settings)
-    if not isinstance(provider, TokenProvider):
-        await provider.aclose()
-        raise _no_caller(settings)
+    authorizer = build_authorizer(settings)
     try:
-        return (await provider.fetch()).token
-    finally:
-        await provider.aclose()
-
-
-async def _check_token(settings: Settings) -> tuple[str, str | None]:
-    """The token `check` shows, and a note when it is not the flow's own kind: a per-caller flow (on-behalf-of)
-    has no caller here, so it proves its client credential another way (`verify_client`)."""
-    from sidecar.tokens import build_provider
-    from sidecar.tokens.base import TokenProvider
-
-    provider = build_provider(settings)
-    try:
-        if isinstance(provider, TokenProvider):
-            return (await provider.fetch()).token, None
-        verify_client = getattr(provider, "verify_client", None)
-        if verify_client is None:
+        if authorizer.takes_caller_bearer and not for_check:
             raise _no_caller(settings)
-        token, note = await verify_client()
-        return token, note
+        return await authorizer.check()
     finally:
-        await provider.aclose()
+        await authorizer.aclose()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -95,7 +76,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     settings = _load(args)
     upstreams = ", ".join(f"{route.prefix} -> {route.upstream[0].url}" for route in settings.effective_routes())
     print(f"config ok: flow {settings.auth.flow.value}, scope {settings.auth.scope}, upstream {upstreams}")
-    token, note = _run(_check_token(settings))
+    token, note = _run(_one_token(settings, for_check=True))
     if note:
         print(note)
     print("token acquired; its claims:")
@@ -129,7 +110,7 @@ async def _probe_routes(settings: Settings, token: str) -> list[tuple[bool, str]
             continue
         if scope != settings.auth.scope:
             scoped = settings.model_copy(update={"auth": settings.auth.model_copy(update={"scope": scope})})
-            route_token, _ = await _check_token(scoped)
+            route_token, _ = await _one_token(scoped, for_check=True)
         else:
             route_token = token
         backend = route.upstream[0]
@@ -152,7 +133,8 @@ async def _probe_routes(settings: Settings, token: str) -> list[tuple[bool, str]
 
 def cmd_token(args: argparse.Namespace) -> int:
     settings = _load(args)
-    sys.stdout.write(_run(_one_token(settings)) + "\n")
+    token, _ = _run(_one_token(settings, for_check=False))
+    sys.stdout.write(token + "\n")
     return EXIT_OK
 
 
@@ -169,25 +151,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _run(run_demo(chunk_delay=args.chunk_delay))
 
 
-def _signin_provider(settings: Settings, browser: bool) -> Any:
-    from sidecar.config import Flow, UserSignInAuth
-    from sidecar.tokens.user_signin import DeviceCodeProvider, InteractiveProvider
+def _signin_provider(settings: Settings) -> SignIn:
+    from sidecar.config import UserSignInAuth
+    from sidecar.tokens import build_provider
 
-    auth = settings.auth
-    if not isinstance(auth, UserSignInAuth):
-        raise ConfigError([f"auth.flow: login/logout are for device_code and interactive, not {auth.flow.value}"])
-    if browser or auth.flow is Flow.INTERACTIVE:
-        return InteractiveProvider(auth, settings.tls)
-    return DeviceCodeProvider(auth, settings.tls)
+    if not isinstance(settings.auth, UserSignInAuth):
+        raise ConfigError(
+            [f"auth.flow: login/logout are for device_code and interactive, not {settings.auth.flow.value}"]
+        )
+    provider = build_provider(settings)
+    assert isinstance(provider, SignIn), "every sign-in flow's provider signs people in"
+    return provider
 
 
 def cmd_login(args: argparse.Namespace) -> int:
     settings = _load(args)
-    provider = _signin_provider(settings, args.browser)
+    provider = _signin_provider(settings)
 
     async def login() -> int:
         try:
-            user = await provider.login()
+            user = await provider.login(browser=args.browser)
         finally:
             await provider.aclose()
         print(f"signed in as {user}; token cache saved to {provider.cache_path}", file=sys.stderr)
@@ -198,7 +181,7 @@ def cmd_login(args: argparse.Namespace) -> int:
 
 def cmd_logout(args: argparse.Namespace) -> int:
     settings = _load(args)
-    provider = _signin_provider(settings, False)
+    provider = _signin_provider(settings)
 
     async def logout() -> int:
         try:

@@ -15,6 +15,8 @@ import re
 from collections.abc import Iterable, Mapping
 from urllib.parse import unquote
 
+from sidecar.tokens.base import bearer_token
+
 _SEGMENT_SPLIT = re.compile(r"[/\\]")
 
 
@@ -79,7 +81,5 @@ class InboundKeys:
     def _presented(self, headers: Mapping[str, str]) -> str:
         key = headers.get("api-key")
         if key is None and self._bearer_is_key:
-            auth = headers.get("Authorization", "")
-            if auth[:7].lower() == "bearer ":
-                key = auth[7:].strip()
+            key = bearer_token(headers)
         return key or ""

@@ -10,9 +10,8 @@ plain integers need no lock.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
-from typing import Any
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -120,21 +119,6 @@ class Metrics:
         self.token_acquisitions[key] = self.token_acquisitions.get(key, 0) + 1
         _histogram(self.idp_latency, flow).observe(seconds)
 
-    def token_stats(self) -> dict[str, object]:
-        """The identity-provider counters as plain data (for worker processes, see sidecar.workers)."""
-        return {
-            "acquisitions": [[flow, outcome, count] for (flow, outcome), count in self.token_acquisitions.items()],
-            "latency": {flow: [h.counts, h.total] for flow, h in self.idp_latency.items()},
-        }
-
-    def load_token_stats(self, stats: dict[str, Any]) -> None:
-        self.token_acquisitions = {(flow, outcome): int(count) for flow, outcome, count in stats["acquisitions"]}
-        self.idp_latency = {}
-        for flow, (counts, total) in stats["latency"].items():
-            histogram = self.idp_latency[flow] = Histogram()
-            histogram.counts = [int(c) for c in counts]
-            histogram.total = float(total)
-
     def track_expiry(self, seconds_left: Callable[[], float | None]) -> None:
         self._expiry = seconds_left
 
@@ -161,30 +145,24 @@ class _Collector:
 
     def collect(self) -> Iterator[Metric]:
         m = self._m
-        requests = CounterMetricFamily(
+        yield _counters(
             "sidecar_requests",
             "Requests answered, by method, status code (standard codes; anything else: other) and route family",
-            labels=["method", "code", "route"],
+            ["method", "code", "route"],
+            [((method, _code(code), route), count) for (method, code, route), count in m.requests.items()],
         )
-        for (method, code, route), count in m.requests.items():
-            requests.add_metric([method, str(code) if code else "other", route], count)
-        yield requests
-        backends = CounterMetricFamily(
+        yield _counters(
             "sidecar_backend_responses",
             "Upstream answers, by configured route prefix, backend and status code",
-            labels=["prefix", "backend", "code"],
+            ["prefix", "backend", "code"],
+            [((prefix, name, _code(code)), count) for (prefix, name, code), count in m.backend_responses.items()],
         )
-        for (prefix, backend, code), count in m.backend_responses.items():
-            backends.add_metric([prefix, backend, str(code) if code else "other"], count)
-        yield backends
-        cooldowns = CounterMetricFamily(
+        yield _counters(
             "sidecar_backend_cooldowns",
             "Times a backend was set aside after a 429/503 or a failed connection, by route prefix and backend",
-            labels=["prefix", "backend"],
+            ["prefix", "backend"],
+            m.cooldowns.items(),
         )
-        for labels, count in m.cooldowns.items():
-            cooldowns.add_metric(list(labels), count)
-        yield cooldowns
         yield _histograms(
             "sidecar_upstream_duration_seconds",
             "Time from sending upstream to the end of the response",
@@ -203,36 +181,30 @@ class _Collector:
         yield GaugeMetricFamily(
             "sidecar_websocket_sessions_open", "WebSocket sessions being relayed now", value=m.websockets_open
         )
-        sessions = CounterMetricFamily(
+        yield _counters(
             "sidecar_websocket_sessions",
             "WebSocket sessions relayed and ended, by what ended them (caller, upstream, shutdown, error)",
-            labels=["ended_by"],
+            ["ended_by"],
+            (((ended_by,), count) for ended_by, count in m.websocket_sessions.items()),
         )
-        for ended_by, count in m.websocket_sessions.items():
-            sessions.add_metric([ended_by], count)
-        yield sessions
-        frames = CounterMetricFamily(
+        yield _counters(
             "sidecar_websocket_frames",
             "WebSocket data frames relayed, by direction and type (a message sent in fragments counts once)",
-            labels=["direction", "type"],
+            ["direction", "type"],
+            m.websocket_frames.items(),
         )
-        for labels, count in m.websocket_frames.items():
-            frames.add_metric(list(labels), count)
-        yield frames
-        payload = CounterMetricFamily(
-            "sidecar_websocket_bytes", "WebSocket payload bytes relayed, by direction", labels=["direction"]
+        yield _counters(
+            "sidecar_websocket_bytes",
+            "WebSocket payload bytes relayed, by direction",
+            ["direction"],
+            (((direction,), size) for direction, size in m.websocket_bytes.items()),
         )
-        for direction, size in m.websocket_bytes.items():
-            payload.add_metric([direction], size)
-        yield payload
-        tokens = CounterMetricFamily(
+        yield _counters(
             "sidecar_token_acquisitions",
             "Token requests to the identity provider, by flow and outcome",
-            labels=["flow", "outcome"],
+            ["flow", "outcome"],
+            m.token_acquisitions.items(),
         )
-        for labels, count in m.token_acquisitions.items():
-            tokens.add_metric(list(labels), count)
-        yield tokens
         yield _histograms(
             "sidecar_identity_provider_duration_seconds",
             "Time the identity provider took to answer",
@@ -247,6 +219,19 @@ class _Collector:
             "Seconds until the current token expires (-1 if none)",
             value=m.seconds_until_expiry(),
         )
+
+
+def _code(code: int) -> str:
+    return str(code) if code else "other"
+
+
+def _counters(
+    name: str, documentation: str, labels: list[str], counts: Iterable[tuple[tuple[str, ...], int]]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for values, count in counts:
+        family.add_metric(list(values), count)
+    return family
 
 
 def _histograms(name: str, documentation: str, label: str, by_label: dict[str, Histogram]) -> HistogramMetricFamily:

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import signal
+import socket
 import time
 from dataclasses import dataclass
 
@@ -16,9 +17,8 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
 from sidecar.accesslog import batch_access_log
-from sidecar.app import ADMIN, DISPATCH, STATE, WEBSOCKETS, build_app
+from sidecar.app import ADMIN, DISPATCH, STATE, WEBSOCKETS, AuthorizerFactory, build_app
 from sidecar.config import Settings, is_loopback
-from sidecar.tokens.base import Authorizer
 from sidecar.tokens.manager import RetryPolicy
 
 log = logging.getLogger("sidecar")
@@ -137,11 +137,13 @@ def _close_if_silent(handler: RequestHandler) -> None:
 
 
 class GuardedSite(web.TCPSite):
-    """aiohttp's TCPSite, with the ConnectionGuard between the listening socket and aiohttp's server."""
+    """aiohttp's TCPSite, with the ConnectionGuard between the listening socket and aiohttp's server. It listens
+    on `sock` when given one (already bound), else on `listen.host`/`listen.port`."""
 
-    def __init__(self, runner: web.AppRunner, settings: Settings, *, reuse_port: bool = False) -> None:
-        super().__init__(runner, settings.listen.host, settings.listen.port, reuse_address=True, reuse_port=reuse_port)
+    def __init__(self, runner: web.AppRunner, settings: Settings, *, sock: socket.socket | None = None) -> None:
+        super().__init__(runner, settings.listen.host, settings.listen.port, reuse_address=True)
         self._settings = settings
+        self._sock = sock
         self.guard: ConnectionGuard | None = None
 
     async def start(self) -> None:
@@ -153,9 +155,13 @@ class GuardedSite(web.TCPSite):
             server, max_connections=listen.max_connections, header_timeout=listen.header_timeout
         )
         # TCPSite.start's own steps (aiohttp 3.14), with the guard as the protocol factory
-        self._server = await asyncio.get_running_loop().create_server(
-            self.guard, self._host, self._port, backlog=self._backlog, reuse_address=True, reuse_port=self._reuse_port
-        )
+        loop = asyncio.get_running_loop()
+        if self._sock is not None:
+            self._server = await loop.create_server(self.guard, sock=self._sock, backlog=self._backlog)
+        else:
+            self._server = await loop.create_server(
+                self.guard, self._host, self._port, backlog=self._backlog, reuse_address=True
+            )
         self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
 
 
@@ -181,19 +187,19 @@ class RunningSidecar:
 async def start(
     settings: Settings,
     *,
-    authorizer: Authorizer | None = None,
+    make_authorizer: AuthorizerFactory | None = None,
     retry: RetryPolicy | None = None,
-    reuse_port: bool = False,
+    sock: socket.socket | None = None,
 ) -> RunningSidecar:
-    """Build and start the app. `reuse_port`: one of several worker processes listening on the same port."""
-    app = build_app(settings, authorizer=authorizer, retry=retry)
+    """Build and start the app; it listens on `sock` when given one (bound by the caller), else on `listen`."""
+    app = build_app(settings, make_authorizer=make_authorizer, retry=retry)
     runner = make_runner(app, settings)
     await runner.setup()
     if runner.server is not None:
         # The app routes every path to one function; calling it directly skips aiohttp's router and
         # Application._handle (see build_dispatch). No connection exists yet: all of them use it.
         runner.server.request_handler = app[DISPATCH]
-    site = GuardedSite(runner, settings, reuse_port=reuse_port)
+    site = GuardedSite(runner, settings, sock=sock)
     try:
         await site.start()
     except OSError:
@@ -202,14 +208,15 @@ async def start(
     running = RunningSidecar(app, runner, site, _url(settings.listen.host, site.port))
     if settings.admin.port is not None:
         try:
-            running.admin, running.admin_url = await _start_admin(app, settings, reuse_port)
+            # worker processes share the admin port as they share the main one (each scrape sees one worker)
+            running.admin, running.admin_url = await _start_admin(app, settings, reuse_port=sock is not None)
         except OSError:
             await runner.cleanup()
             raise
     return running
 
 
-async def _start_admin(app: web.Application, settings: Settings, reuse_port: bool) -> tuple[web.ServerRunner, str]:
+async def _start_admin(app: web.Application, settings: Settings, *, reuse_port: bool) -> tuple[web.ServerRunner, str]:
     """The admin listener: aiohttp's low-level server with the app's health, readiness and metrics handler."""
     assert settings.admin.port is not None
     runner = web.ServerRunner(web.Server(app[ADMIN]), access_log=None, shutdown_timeout=1.0)
@@ -231,19 +238,20 @@ async def serve(
     settings: Settings,
     *,
     ready: asyncio.Event | None = None,
-    authorizer: Authorizer | None = None,
+    make_authorizer: AuthorizerFactory | None = None,
     stop: asyncio.Event | None = None,
-    reuse_port: bool = False,
+    sock: socket.socket | None = None,
     whole_process: bool = False,
 ) -> int:
-    """Serve until SIGTERM/SIGINT (or `stop` is set), then drain. Workers pass their authorizer and port.
+    """Serve until SIGTERM/SIGINT (or `stop` is set), then drain.
 
-    `whole_process`: this process does nothing but serve (the CLI, a worker), so process-wide tuning applies.
+    `sock`: a socket the caller bound (and announces); `whole_process`: this process does nothing but serve, so
+    process-wide tuning applies.
     """
-    running = await start(settings, authorizer=authorizer, reuse_port=reuse_port)
+    running = await start(settings, make_authorizer=make_authorizer, sock=sock)
     app, site = running.app, running.site
     unbatch = batch_access_log(asyncio.get_running_loop())
-    if not reuse_port:  # a worker: the parent says this once for all of them
+    if sock is None:  # who bound the socket says where it listens (workers: their parent, once for all)
         warn_if_exposed(settings)
         log.info(
             "sidecar listening on %s -> %s (flow %s)%s",

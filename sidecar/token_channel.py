@@ -1,10 +1,16 @@
-"""One token for every worker process: the parent owns the TokenManager, the workers ask it over a channel.
+"""One token for every worker process: the parent owns the authorizer, the workers ask it over a channel.
+
+Both ends use only declared interfaces (tokens/base.py): a worker's ChannelAuthorizer is an Authorizer like any
+other, and the parent's TokenBroker serves the workers from the parent's Authorizer (token_for,
+token_after_rejection, current) as its observer, so neither the manager nor the app knows workers exist.
 
 Each worker gets one end of a socketpair made before the fork: nothing on the filesystem, nothing another
 process could connect to. Messages are JSON lines.
 
-  parent -> worker  {"token": ..., "expires_on": ..., "refresh_on": ...} for every new token (pushed by the
-                    manager's refresh loop) and as the answer to a request ({"id": n, ...});
+  parent -> worker  {"token": ..., "expires_on": ..., "refresh_on": ...} for every new token (pushed when the
+                    observer hears of a successful call) and as the answer to a request ({"id": n, ...});
+                    {"observed": [outcome, seconds]} for every identity-provider call, so that each
+                    worker's /metrics counts the parent's calls (the worker's authorizer tells its observer);
                     {"id": n, "error": {...}} when a request could not be served;
                     {"id": n, "no_token": true}: no new token for that rejection now (the manager's rejection
                     pause): the worker answers its caller with the upstream's 401.
@@ -24,13 +30,10 @@ import hashlib
 import json
 import logging
 import socket
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from sidecar.metrics import Metrics
-from sidecar.tokens.base import AccessToken, IdentityError
-from sidecar.tokens.manager import EXPIRY_SKEW, HeldToken, TokenManager, usable
+from sidecar.tokens.base import AccessToken, Authorizer, IdentityError, TokenObserver, mark_retrieved, usable
 
 log = logging.getLogger("sidecar.workers")
 
@@ -63,31 +66,29 @@ def _error_message(error: IdentityError, request_id: int | None) -> bytes:
 
 
 class TokenBroker:
-    """The parent's side: answers the workers from one TokenManager and pushes every new token to all."""
+    """The parent's side: answers the workers from the parent's authorizer, and is that authorizer's observer
+    (`observe`, given when the authorizer is built): every identity-provider call is told to every worker, and
+    after a successful one the new token is pushed to all."""
 
-    def __init__(self, manager: TokenManager, channels: list[socket.socket], metrics: Metrics | None = None) -> None:
-        self._manager = manager
+    def __init__(self, channels: list[socket.socket]) -> None:
         self._channels = channels
-        self._metrics = metrics
+        self._authorizer: Authorizer | None = None
         self._writers: list[asyncio.StreamWriter] = []
         self._tasks: list[asyncio.Task[None]] = []
 
-    async def start(self) -> None:
+    async def start(self, authorizer: Authorizer) -> None:
+        """Serve the workers from `authorizer`; start it after this, so that no call goes untold."""
+        self._authorizer = authorizer
         for channel in self._channels:
             reader, writer = await asyncio.open_unix_connection(sock=channel)
             self._writers.append(writer)
             self._tasks.append(asyncio.create_task(self._serve(reader, writer), name="token-broker"))
-        self._manager.add_listener(self._push)
 
-    def _push(self, token: AccessToken) -> None:
-        self._send_all(_token_message(token))
-        if self._metrics is not None:
-            self.push_metrics()
-
-    def push_metrics(self) -> None:
-        """The identity-provider counters live here; every worker's /metrics shows them."""
-        assert self._metrics is not None
-        self._send_all(json.dumps({"metrics": self._metrics.token_stats()}).encode() + b"\n")
+    def observe(self, flow: str, outcome: str, seconds: float) -> None:
+        self._send_all(json.dumps({"observed": [outcome, seconds]}).encode() + b"\n")
+        held = self._authorizer.current if self._authorizer is not None else None
+        if outcome == "success" and held is not None:
+            self._send_all(_token_message(held))  # the authorizer holds the new token when it tells its observer
 
     def _send_all(self, message: bytes) -> None:
         for writer in self._writers:
@@ -106,20 +107,28 @@ class TokenBroker:
                 token = await self._answer(request)
             except IdentityError as exc:
                 reply = _error_message(exc, request_id)
-                if self._metrics is not None:
-                    self.push_metrics()  # the failure was counted
             else:
                 reply = _no_token_message(request_id) if token is None else _token_message(token, request_id)
             if not writer.is_closing():
                 writer.write(reply)
 
     async def _answer(self, request: Mapping[str, Any]) -> AccessToken | None:
-        manager = self._manager
+        authorizer = self._authorizer
+        assert authorizer is not None
         if request.get("op") == "refresh":
-            current = manager.current
-            rejected = current.token if current is not None and digest(current.token) == request.get("rejected") else ""
-            return await manager.replacement_for(rejected)  # the manager's policy: one fetch however many ask
-        return await manager.get()
+            held = authorizer.current
+            # an unknown digest ("") names a token already replaced: the authorizer answers with the held one
+            rejected = held.token if held is not None and digest(held.token) == request.get("rejected") else ""
+            token = await authorizer.token_after_rejection({}, rejected)  # its policy: one call however many ask
+            if token is None:
+                return None
+        else:
+            token = await authorizer.token_for({})
+        # The answer is the token the authorizer holds (nothing ran in between); its expiry goes with it.
+        held = authorizer.current
+        if held is None or not held.usable():  # pragma: no cover - an authorizer whose tokens are per caller
+            raise IdentityError("the sidecar's token process holds no token", retryable=True)
+        return held
 
     async def aclose(self) -> None:
         for task in self._tasks:
@@ -133,19 +142,22 @@ class TokenBroker:
                 await writer.wait_closed()
 
 
-class ChannelAuthorizer(HeldToken):
-    """A worker's Authorizer: the parent's token, cached here until it is no longer valid."""
+class ChannelAuthorizer(Authorizer):
+    """A worker's Authorizer: the parent's token, cached here until it is no longer valid. `observer` is told of
+    the parent's identity-provider calls."""
 
     def __init__(
         self,
         channel: socket.socket,
         flow: str,
         *,
+        observer: TokenObserver | None = None,
         on_lost: Callable[[], None] | None = None,
         max_wait: float = 30.0,
     ) -> None:
         self.flow = flow
         self._channel = channel
+        self._observer = observer
         self._on_lost = on_lost
         self._max_wait = max_wait
         self._current: AccessToken | None = None
@@ -155,11 +167,6 @@ class ChannelAuthorizer(HeldToken):
         self._next_id = 0
         self._asking: dict[str, tuple[int, asyncio.Future[AccessToken | None]]] = {}  # op key -> (id, answer)
         self._lost = False
-        self._metrics: Metrics | None = None
-
-    def mirror_metrics(self, metrics: Metrics) -> None:
-        """Show the parent's identity-provider counters in this worker's /metrics."""
-        self._metrics = metrics
 
     async def start(self) -> None:
         reader, self._writer = await asyncio.open_unix_connection(sock=self._channel)
@@ -181,7 +188,7 @@ class ChannelAuthorizer(HeldToken):
 
     async def token_for(self, headers: Mapping[str, str] | None = None) -> str:
         current = self._current
-        if current is not None and current.expires_on - time.time() > EXPIRY_SKEW:
+        if current is not None and current.usable():
             return current.token  # the hot path: no round trip to the parent
         token = await self._wait("get", {"op": "get"})
         if token is None:  # pragma: no cover - the parent answers a "get" with a token or an error
@@ -190,7 +197,7 @@ class ChannelAuthorizer(HeldToken):
 
     async def token_after_rejection(self, headers: Mapping[str, str] | None, rejected: str) -> str | None:
         current = self._current
-        if current is not None and current.token != rejected and usable(current):
+        if current is not None and current.token != rejected and current.usable():
             return current.token  # a newer token arrived meanwhile
         named = digest(rejected)
         token = await self._wait(f"refresh:{named}", {"op": "refresh", "rejected": named})
@@ -207,7 +214,7 @@ class ChannelAuthorizer(HeldToken):
         if self._lost or self._writer is None or self._writer.is_closing():
             future.set_exception(IdentityError("the sidecar's token process has stopped", retryable=True))
             return future
-        future.add_done_callback(_retrieve)  # an answer nobody awaits (the first "get") must not warn
+        future.add_done_callback(mark_retrieved)  # an answer nobody awaits (the first "get") must not warn
         self._next_id += 1
         self._asking[key] = (self._next_id, future)
         self._writer.write(json.dumps({**message, "id": self._next_id}).encode() + b"\n")
@@ -236,9 +243,9 @@ class ChannelAuthorizer(HeldToken):
             self._on_lost()
 
     def _handle(self, message: dict[str, Any]) -> None:
-        if "metrics" in message:
-            if self._metrics is not None:
-                self._metrics.load_token_stats(message["metrics"])
+        if "observed" in message:
+            outcome, seconds = message["observed"]
+            self._observe(str(outcome), float(seconds))
             return
         request_id = message.get("id")
         if "error" in message:
@@ -264,7 +271,7 @@ class ChannelAuthorizer(HeldToken):
         if self._current is None or token.expires_on >= self._current.expires_on or not usable(self._current):
             self._current = token
         self._last_error = None
-        if not usable(token):
+        if not token.usable():
             return
         named = digest(token.token)
         # any valid token answers a "get"; a "refresh" only with a token other than the rejected one
@@ -292,8 +299,3 @@ class ChannelAuthorizer(HeldToken):
                 future.set_exception(error)
             else:
                 future.set_result(token)  # None only for a "no_token" answer
-
-
-def _retrieve(future: asyncio.Future[AccessToken | None]) -> None:
-    if not future.cancelled():
-        future.exception()

@@ -6,10 +6,13 @@ for the profile); more processes are the way to use the other cores.
 How:
 - the parent reserves the port with a bound but not listening SO_REUSEPORT socket (so port 0 becomes a real
   port and nobody else takes it), makes one socketpair per worker, and forks the workers before it starts an
-  event loop or a thread, and before the token flow's libraries (msal, cryptography) are imported;
-- each worker listens on that port with SO_REUSEPORT, so the kernel spreads new connections across them,
-  and serves the app with a ChannelAuthorizer: the token comes from the parent (sidecar.token_channel);
-- the parent runs the only TokenManager and answers the workers; it forwards SIGTERM/SIGINT to them and
+  event loop or a thread, and before a flow's heavy libraries (azure-identity, cryptography) are imported (msal
+  comes with the flow registry, ~1 MB that every flow needs);
+- each worker listens on that port with a SO_REUSEPORT socket of its own, so the kernel spreads new connections
+  across them, and serves the app with a ChannelAuthorizer: the token comes from the parent
+  (sidecar.token_channel), and the core modules see only an Authorizer and a socket;
+- the parent runs the only authorizer (the flow's TokenManager) and answers the workers through the
+  Authorizer interface, as its observer; it forwards SIGTERM/SIGINT to them and
   waits while they drain; if a worker dies unexpectedly it stops the others and exits 1, so that the
   orchestrator restarts the sidecar as a whole.
 """
@@ -26,19 +29,19 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from sidecar.config import Settings
-from sidecar.metrics import Metrics
 from sidecar.server import serve, warn_if_exposed
 from sidecar.token_channel import ChannelAuthorizer, TokenBroker
 from sidecar.tokens import build_authorizer
-from sidecar.tokens.manager import TokenManager
+from sidecar.tokens.base import TokenObserver
 
 log = logging.getLogger("sidecar.workers")
 
 Runner = Callable[[Coroutine[Any, Any, int]], int]
 
 
-def reserve_port(host: str, port: int) -> socket.socket:
-    """A socket bound with SO_REUSEPORT and never listening: it holds the port; workers listen beside it."""
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A socket bound with SO_REUSEPORT, not listening yet. The parent's never listens: it holds the port (port 0
+    becomes a real one, and nobody else takes it); each worker listens on one of its own beside it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -53,7 +56,7 @@ def reserve_port(host: str, port: int) -> socket.socket:
 
 def run_workers(settings: Settings, count: int, run: Runner) -> int:
     """Fork `count` workers, then supervise them; returns the exit code (0 after a clean drain)."""
-    reserved = reserve_port(settings.listen.host, settings.listen.port)
+    reserved = reuse_port_socket(settings.listen.host, settings.listen.port)
     port = reserved.getsockname()[1]
     worker_settings = settings.model_copy(update={"listen": settings.listen.model_copy(update={"port": port})})
     pids: list[int] = []
@@ -90,8 +93,13 @@ def _worker_process(settings: Settings, channel: socket.socket, index: int, run:
 async def _worker_main(settings: Settings, channel: socket.socket) -> int:
     stop = asyncio.Event()
     # the parent gone means no more tokens: drain and stop rather than serve until the token expires
-    authorizer = ChannelAuthorizer(channel, settings.auth.flow.value, on_lost=stop.set)
-    return await serve(settings, authorizer=authorizer, stop=stop, reuse_port=True, whole_process=True)
+    flow = settings.auth.flow.value
+
+    def make_authorizer(observer: TokenObserver) -> ChannelAuthorizer:
+        return ChannelAuthorizer(channel, flow, observer=observer, on_lost=stop.set)
+
+    sock = reuse_port_socket(settings.listen.host, settings.listen.port)
+    return await serve(settings, make_authorizer=make_authorizer, stop=stop, sock=sock, whole_process=True)
 
 
 async def _supervise(
@@ -101,10 +109,9 @@ async def _supervise(
     pids: list[int],
     reserved: socket.socket,
 ) -> int:
-    metrics = Metrics()  # the parent's token counters, mirrored to every worker's /metrics
-    manager = build_authorizer(settings, observer=metrics.observe_token)
-    assert isinstance(manager, TokenManager), "config refuses workers > 1 for per-caller flows"
-    broker = TokenBroker(manager, channels, metrics)
+    broker = TokenBroker(channels)  # it tells every worker of each identity-provider call (their /metrics)
+    authorizer = build_authorizer(settings, observer=broker.observe)
+    assert not authorizer.takes_caller_bearer, "config refuses workers > 1 for per-caller flows"
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -112,8 +119,8 @@ async def _supervise(
     alive = set(pids)
     failed = False
     try:
-        await broker.start()
-        await manager.start()
+        await broker.start(authorizer)
+        await authorizer.start()
         warn_if_exposed(settings)
         host = settings.listen.host
         shown = f"[{host}]" if ":" in host else host
@@ -139,7 +146,7 @@ async def _supervise(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         await broker.aclose()
-        await manager.aclose()
+        await authorizer.aclose()
         reserved.close()
     log.info("stopped")
     return 1 if failed else 0

@@ -68,10 +68,16 @@ async def test_token_and_chat_go_through_the_forward_proxy(
     await wait_ready(running)
     async with aiohttp.ClientSession() as http, http.post(running.url + CHAT, json={"messages": []}) as response:
         assert response.status == 200
-    seen = log.read_text()
     entra_port = re.search(r":(\d+)$", hidden_stack.authority_host).group(1)  # type: ignore[union-attr]
+    chat = re.compile(r"POST emu\.test:\d+/api/openai/deployments/gpt-4o-mini/chat/completions")
+    await running.aclose()  # the proxy writes its access lines as each connection ends: end the pooled ones
+    for _ in range(100):
+        seen = log.read_text()
+        if f"CONNECT emu.test:{entra_port}" in seen and chat.search(seen):
+            break
+        await asyncio.sleep(0.05)
     assert f"CONNECT emu.test:{entra_port}" in seen  # the token request, tunnelled (TLS with tls.ca_bundle)
-    assert re.search(r"POST emu\.test:\d+/api/openai/deployments/gpt-4o-mini/chat/completions", seen)
+    assert chat.search(seen)
     (seen_upstream,) = hidden_stack.upstream.requests
     assert seen_upstream.claims is not None  # the token that went through the proxy was accepted
     assert "pr0xy-s3cret" not in "\n".join(record.getMessage() for record in caplog.records)

@@ -84,10 +84,10 @@ async def test_wrong_secret_gives_503_with_the_aadsts_code_and_no_retry(
 
 async def test_identity_errors_never_carry_secrets(stack: Stack) -> None:
     from sidecar.config import Settings
-    from sidecar.tokens.client_credentials import ClientCredentialsProvider
+    from sidecar.tokens import client_credentials
 
     settings = Settings(**config_for(stack, auth={"client_secret": "wrong-secret-value"}))
-    provider = ClientCredentialsProvider.from_settings(settings)
+    provider = client_credentials.build(settings)
     try:
         await provider.fetch()
     except IdentityError as exc:

@@ -13,13 +13,13 @@ import time
 
 import pytest
 
-from sidecar.tokens.base import AccessToken, IdentityError
+from sidecar.tokens.base import AccessToken, IdentityError, TokenProvider
 from sidecar.tokens.manager import RetryPolicy, TokenManager, refresh_at
 
 FAST_RETRY = RetryPolicy(first_delay=0.05, max_delay=0.2, min_interval=0.0)
 
 
-class ScriptedProvider:
+class ScriptedProvider(TokenProvider):
     flow = "scripted"
 
     def __init__(self, lifetime: float = 3600, delay: float = 0.05) -> None:

@@ -18,7 +18,7 @@ from harness import _WATCH, config_for, start_serve
 from sidecar.claims import unverified_claims
 from sidecar.config import ConfigError, load_config
 from sidecar.token_channel import ChannelAuthorizer, TokenBroker
-from sidecar.tokens.base import AccessToken, IdentityError
+from sidecar.tokens.base import AccessToken, IdentityError, TokenProvider
 from sidecar.tokens.manager import RetryPolicy, TokenManager
 from sidecar_emulators import Stack
 
@@ -196,7 +196,7 @@ async def test_workers_rotate_tokens_with_one_call_per_token(stack: Stack, tmp_p
     assert all(unverified_claims(t.split()[1])["aud"] == stack.audience for t in tokens)
 
 
-class CountingProvider:
+class CountingProvider(TokenProvider):
     flow = "client_credentials"
 
     def __init__(self, lifetime: float = 3600) -> None:
@@ -217,11 +217,11 @@ class CountingProvider:
 
 async def test_channel_single_flight_push_and_rejection() -> None:
     provider = CountingProvider()
-    manager = TokenManager(provider, retry=RetryPolicy(min_interval=0.0, rejection_pause=0.2))
     pairs = [socket.socketpair() for _ in range(2)]
-    broker = TokenBroker(manager, [parent for parent, _ in pairs])
+    broker = TokenBroker([parent for parent, _ in pairs])
+    manager = TokenManager(provider, retry=RetryPolicy(min_interval=0.0, rejection_pause=0.2), observer=broker.observe)
     workers = [ChannelAuthorizer(child, "client_credentials") for _, child in pairs]
-    await broker.start()
+    await broker.start(manager)
     for worker in workers:
         await worker.start()
     try:
@@ -251,12 +251,12 @@ async def test_channel_single_flight_push_and_rejection() -> None:
 async def test_channel_errors_expiry_and_a_lost_parent() -> None:
     provider = CountingProvider(lifetime=1.5)  # valid for 0.5 s past the manager's expiry skew
     provider.fail = IdentityError("invalid_client: bad secret", code="AADSTS7000215", retryable=False)
-    manager = TokenManager(provider, retry=RetryPolicy(first_delay=0.01, max_delay=0.01))
     parent, child = socket.socketpair()
-    broker = TokenBroker(manager, [parent])
+    broker = TokenBroker([parent])
+    manager = TokenManager(provider, retry=RetryPolicy(first_delay=0.01, max_delay=0.01), observer=broker.observe)
     lost = asyncio.Event()
     worker = ChannelAuthorizer(child, "client_credentials", on_lost=lost.set)
-    await broker.start()
+    await broker.start(manager)
     await worker.start()
     try:
         with pytest.raises(IdentityError) as caught:

@@ -23,9 +23,9 @@ import aiohttp
 import jwt
 
 from sidecar.claims import unverified_claims
-from sidecar.config import OnBehalfOfAuth, TlsConfig
+from sidecar.config import NetworkConfig, OnBehalfOfAuth, TlsConfig
 from sidecar.tls import IDP_TIMEOUT, client_ssl_context
-from sidecar.tokens.base import IdentityError
+from sidecar.tokens.base import IdentityError, mark_retrieved
 
 log = logging.getLogger("sidecar.tokens")
 
@@ -69,6 +69,7 @@ class CallerTokenValidator:
         auth: OnBehalfOfAuth,
         tls: TlsConfig,
         *,
+        network: NetworkConfig | None = None,
         refetch_interval: float = REFETCH_INTERVAL,
         keys_max_age: float = KEYS_MAX_AGE,
     ) -> None:
@@ -77,6 +78,7 @@ class CallerTokenValidator:
         self.audiences = tuple(dict.fromkeys(a for a in audiences if a))
         self._public_cloud = auth.is_public_cloud
         self._ssl = client_ssl_context(tls.ca_bundle)
+        self._proxy_for = network.proxy_for if network is not None else None
         self._refetch_interval = refetch_interval
         self._keys_max_age = keys_max_age
         self._session: aiohttp.ClientSession | None = None
@@ -189,7 +191,7 @@ class CallerTokenValidator:
         """Fetch the discovery document and the keys once, however many callers ask."""
         if self._fetching is None:
             self._fetching = asyncio.get_running_loop().create_future()
-            self._fetching.add_done_callback(_retrieve)
+            self._fetching.add_done_callback(mark_retrieved)  # a fetch whose callers were cancelled
             self._fetch_task = asyncio.create_task(self._fetch_into(self._fetching), name="caller-token-keys-fetch")
         await asyncio.shield(self._fetching)
 
@@ -235,10 +237,10 @@ class CallerTokenValidator:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=self._ssl),
                 timeout=aiohttp.ClientTimeout(sock_connect=connect, sock_read=read, total=connect + read),
-                # the same egress proxy (HTTPS_PROXY / NO_PROXY) as msal's requests; CA bundles are not read here
-                trust_env=True,
+                trust_env=False,  # the egress proxy comes from config (network), as for msal's requests
             )
-        async with self._session.get(url, headers={"Accept": "application/json"}) as response:
+        proxy = self._proxy_for(url) if self._proxy_for is not None else None
+        async with self._session.get(url, headers={"Accept": "application/json"}, proxy=proxy) as response:
             if response.status != 200:
                 raise ValueError(f"{url} answered HTTP {response.status}")
             body = await response.content.read(_MAX_DOCUMENT + 1)
@@ -269,9 +271,3 @@ def _fetch_error(url: str, exc: BaseException) -> IdentityError:
         return IdentityError(f"the identity provider did not send the tenant's signing keys in time ({url})")
     what = str(exc) or type(exc).__name__
     return IdentityError(f"cannot fetch the tenant's signing keys ({url}): {what}")
-
-
-def _retrieve(future: asyncio.Future[None]) -> None:
-    # a fetch nobody waited for (its callers were cancelled) must not log "exception was never retrieved"
-    if not future.cancelled():
-        future.exception()

@@ -23,16 +23,22 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sidecar.claims import unverified_claims
-from sidecar.tokens.base import AccessToken, IdentityError, TokenProvider
+from sidecar.tokens.base import (
+    EXPIRY_SKEW,
+    AccessToken,
+    Authorizer,
+    IdentityError,
+    TokenObserver,
+    TokenProvider,
+    mark_retrieved,
+    usable,
+)
 
 log = logging.getLogger("sidecar.tokens")
-
-# A token this close to expiry is never injected: it could expire on its way to the upstream.
-EXPIRY_SKEW = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,17 +61,12 @@ class RetryPolicy:
         return min(self.max_rejection_pause, previous * 2) if previous > 0 else self.rejection_pause
 
 
-def usable(token: AccessToken | None) -> bool:
-    """Valid for at least EXPIRY_SKEW more seconds: the only tokens ever injected."""
-    return token is not None and token.expires_on - time.time() > EXPIRY_SKEW
-
-
 def refuse_if_expired(token: AccessToken) -> AccessToken:
     """A token with no usable life on arrival is an error, not a token: holding it would make the refresh
     loop fetch again at once, forever. Its lower bound is EXPIRY_SKEW: shorter tokens could never be injected;
     longer ones are legitimate in tests (seconds-long lifetimes) and the fetch floor bounds their cost."""
     now = time.time()
-    if token.expires_on - now > EXPIRY_SKEW:
+    if token.usable(now):
         return token
     raise IdentityError(
         f"the identity provider's token {'expired' if token.expires_on <= now else 'expires'} at "
@@ -77,28 +78,6 @@ def refuse_if_expired(token: AccessToken) -> AccessToken:
 
 def _utc(epoch: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
-
-
-class HeldToken:
-    """The token an authorizer holds and the last error, with the questions the app asks about them.
-
-    Shared by the TokenManager and the workers' ChannelAuthorizer (sidecar/token_channel.py)."""
-
-    _current: AccessToken | None = None
-    _last_error: IdentityError | None = None
-
-    def is_ready(self) -> bool:
-        return usable(self._current)
-
-    def seconds_until_expiry(self) -> float | None:
-        return None if self._current is None else self._current.seconds_left()
-
-    @property
-    def last_error(self) -> IdentityError | None:
-        return self._last_error
-
-
-TokenObserver = Callable[[str, str, float], None]  # (flow, outcome, seconds spent)
 
 
 def refresh_at(token: AccessToken, margin: float, issued_at: float) -> float:
@@ -113,7 +92,7 @@ def refresh_at(token: AccessToken, margin: float, issued_at: float) -> float:
     return max(issued_at, when - jitter)
 
 
-class TokenManager(HeldToken):
+class TokenManager(Authorizer):
     """Caches one provider's token for every request (the flows where all requests share a token)."""
 
     def __init__(
@@ -138,7 +117,6 @@ class TokenManager(HeldToken):
         self._fetch_task: asyncio.Task[None] | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        self._listeners: list[Callable[[AccessToken], None]] = []
         self._last_fetch = -math.inf  # when the last fetch started (monotonic): the floor counts from it
         # What the rejection policy remembers. Tokens are compared by value: the proxy hands back the string.
         self._refreshed_for: str | None = None  # the last rejected token that cost a fetch
@@ -146,21 +124,6 @@ class TokenManager(HeldToken):
         self._replaced_at = -math.inf  # ... and when (monotonic): it is "fresh" for rejection_pause seconds
         self._pause = 0.0  # the length of the last rejection pause
         self._paused_until = -math.inf  # no fetch for a rejection before this (monotonic)
-
-    def add_listener(self, listener: Callable[[AccessToken], None]) -> None:
-        """Call `listener` with every new token (worker processes get theirs pushed this way)."""
-        self._listeners.append(listener)
-
-    @property
-    def current(self) -> AccessToken | None:
-        """The cached token, valid or not (None before the first one)."""
-        return self._current
-
-    @property
-    def _max_wait(self) -> float:
-        """How long a request may wait for a fetch in flight. Read on every wait: a sign-in flow says 0 only
-        while a person is signing in (that may take minutes), not while it renews silently."""
-        return float(getattr(self.provider, "max_wait", 30.0))
 
     # -- the proxy's side -----------------------------------------------------------------------------
 
@@ -186,9 +149,14 @@ class TokenManager(HeldToken):
 
     async def token_for(self, headers: Mapping[str, str] | None = None) -> str:
         current = self._current
-        if current is not None and current.expires_on - time.time() > EXPIRY_SKEW:
+        if current is not None and current.usable():
             return current.token  # the hot path: no awaits, no thread hop
         return (await self.get()).token
+
+    async def check(self) -> tuple[str, str | None]:
+        """A token straight from the provider, waiting as long as it takes (`sidecar check` may be a person
+        signing in with a device code), and without touching the cache."""
+        return (await self.provider.fetch()).token, None
 
     async def token_after_rejection(self, headers: Mapping[str, str] | None, rejected: str) -> str | None:
         """The upstream answered 401 to `rejected`: a newer token to replay with, or None for "no new token
@@ -203,7 +171,7 @@ class TokenManager(HeldToken):
         has expired meanwhile, a token as for any request; a fetch in flight is joined (free); the replacement
         itself rejected while fresh starts a pause (None); else one fetch for this token, never a second."""
         current = self._current
-        if current is not None and current.token != rejected and usable(current):
+        if current is not None and current.token != rejected and current.usable():
             return current  # someone already replaced the rejected token: it costs nothing
         if time.monotonic() < self._paused_until:
             return None
@@ -221,7 +189,7 @@ class TokenManager(HeldToken):
             if self._last_error is not None and time.monotonic() < self._next_attempt:
                 raise self._last_error  # the provider failed moments ago
         self._refreshed_for = rejected
-        token = await self._refresh_once(self._max_wait)  # joins a fetch in flight: one for every caller
+        token = await self._refresh_once(self.provider.max_wait)  # joins a fetch in flight: one for every caller
         if token.token == rejected:
             return None
         self._replacement, self._replaced_at = token.token, time.monotonic()
@@ -248,12 +216,11 @@ class TokenManager(HeldToken):
     async def get(self) -> AccessToken:
         """A valid token: the cached one, or a fresh one if none is valid (single-flight)."""
         current = self._current
-        if usable(current):
-            assert current is not None
+        if current is not None and current.usable():
             return current
         if self._inflight is None and time.monotonic() < self._next_attempt and self._last_error is not None:
             raise self._last_error  # the provider failed moments ago; don't hammer it once per request
-        return await self._refresh_once(self._max_wait)
+        return await self._refresh_once(self.provider.max_wait)
 
     # -- refreshing -----------------------------------------------------------------------------------
 
@@ -263,15 +230,14 @@ class TokenManager(HeldToken):
         if inflight is None:
             inflight = self._inflight = asyncio.get_running_loop().create_future()
             task = asyncio.create_task(self._fetch_into(inflight), name=f"token-fetch-{self.flow}")
-            task.add_done_callback(_consume)
+            task.add_done_callback(mark_retrieved)
             self._fetch_task = task
         if max_wait is None:
             return await asyncio.shield(inflight)
         try:
             return await asyncio.wait_for(asyncio.shield(inflight), timeout=max_wait or 0.01)
         except TimeoutError:
-            pending = getattr(self.provider, "pending_message", "still waiting for the identity provider")
-            raise IdentityError(pending, retryable=True) from None
+            raise IdentityError(self.provider.pending_message, retryable=True) from None
 
     async def _fetch_into(self, future: asyncio.Future[AccessToken]) -> None:
         """One fetch for everyone waiting on `future`, started no sooner than the floor allows."""
@@ -307,25 +273,20 @@ class TokenManager(HeldToken):
         self._last_error = None
         self._failures = 0
         self._next_attempt = 0.0
-        self._observe("success", started)
+        self._observe("success", time.monotonic() - started)
         log.info(
             "token acquired (flow=%s, expires in %.0f s, next refresh in %.0f s)",
             self.flow,
             token.seconds_left(),
             self._refresh_due - time.time(),
         )
-        for listener in self._listeners:
-            try:
-                listener(token)
-            except Exception:  # a listener must not break the refresh
-                log.exception("token listener failed")
 
     def _record_failure(self, error: IdentityError, started: float) -> None:
         self._last_error = error
         self._failures += 1
         self._next_attempt = time.monotonic() + min(self._retry.delay(self._failures), 5.0)
-        self._observe("failure", started)
-        still = self._current is not None and usable(self._current)
+        self._observe("failure", time.monotonic() - started)
+        still = usable(self._current)
         log.warning(
             "token request failed (flow=%s, attempt %d): %s%s",
             self.flow,
@@ -333,10 +294,6 @@ class TokenManager(HeldToken):
             error.one_line(),
             "; still serving the current token" if still else "",
         )
-
-    def _observe(self, outcome: str, started: float) -> None:
-        if self._observer is not None:
-            self._observer(self.flow, outcome, time.monotonic() - started)
 
     async def _refresh_loop(self) -> None:
         """Fetch now, then sleep until the refresh is due or a fetch fails; never exits on errors."""
@@ -355,9 +312,10 @@ class TokenManager(HeldToken):
         while True:
             if self._last_error is not None and self._failures:
                 delay = self._retry.delay(self._failures)
-                if self._current is not None and usable(self._current):
+                current = self._current
+                if current is not None and current.usable():
                     # don't sleep past the current token's expiry without one more try
-                    delay = min(delay, max(0.0, self._current.seconds_left() - EXPIRY_SKEW))
+                    delay = min(delay, max(0.0, current.seconds_left() - EXPIRY_SKEW))
             else:
                 delay = self._refresh_due - time.time()
             if delay <= 0:
@@ -371,8 +329,3 @@ class TokenManager(HeldToken):
                     await self._wake.wait()
             except TimeoutError:
                 return
-
-
-def _consume(task: asyncio.Task[None]) -> None:
-    if not task.cancelled():
-        task.exception()

@@ -17,16 +17,17 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msal
 
-from sidecar.config import OnBehalfOfAuth, Settings, TlsConfig
+from sidecar.config import NetworkConfig, OnBehalfOfAuth, Settings, TlsConfig
 from sidecar.tokens import _msal
-from sidecar.tokens.base import AccessToken, IdentityError
-from sidecar.tokens.caller_token import CallerTokenValidator
-from sidecar.tokens.client_credentials import ConfidentialApp
-from sidecar.tokens.manager import EXPIRY_SKEW, TokenObserver, refresh_at
+from sidecar.tokens.base import AccessToken, Authorizer, IdentityError, TokenObserver, bearer_token, mark_retrieved
+from sidecar.tokens.manager import refresh_at
+
+if TYPE_CHECKING:  # imported by build(): PyJWT loads cryptography (~9 MB), which other flows never need
+    from sidecar.tokens.caller_token import CallerTokenValidator
 
 log = logging.getLogger("sidecar.tokens")
 
@@ -64,7 +65,7 @@ class _Entry:
         self.quiet_until = 0.0  # monotonic; set when this token, too, was rejected
 
     def fresh(self, now: float) -> bool:
-        return now < self.refresh_due and self.token.expires_on - now > EXPIRY_SKEW
+        return now < self.refresh_due and self.token.usable(now)
 
 
 class _Pending:
@@ -78,46 +79,31 @@ class _Pending:
         self.task: asyncio.Task[None] | None = None
 
 
-def bearer_of(headers: Mapping[str, str]) -> str | None:
-    value = headers.get("Authorization") or ""
-    if value[:7].lower() != "bearer ":
-        return None
-    token = value[7:].strip()
-    return token or None
-
-
-class OnBehalfOfAuthorizer:
+class OnBehalfOfAuthorizer(Authorizer):
     flow = "on_behalf_of"
+    takes_caller_bearer = True
 
     def __init__(
         self,
         auth: OnBehalfOfAuth,
         tls: TlsConfig,
         *,
+        validator: CallerTokenValidator,
         observer: TokenObserver | None = None,
-        validator: CallerTokenValidator | None = None,
+        network: NetworkConfig | None = None,
     ) -> None:
         self._scope = auth.scope
         self._client_id = auth.client_id
         self._margin = auth.refresh_margin
         self._capacity = auth.obo_cache_size
-        self._app = ConfidentialApp(auth, tls, token_cache=_NoCache())
-        self._validator = validator or CallerTokenValidator(auth, tls)
+        self._app = _msal.ConfidentialApp(auth, tls, token_cache=_NoCache(), network=network)
+        self._validator = validator
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._pending: dict[str, _Pending] = {}
         self._failures: OrderedDict[str, tuple[float, IdentityError]] = OrderedDict()
         self._observer = observer
-        self.exchanges = 0  # identity-provider calls made, for `sidecar check` and tests
         self._exchange_error: IdentityError | None = None  # the sidecar's own, never a caller's
         self._recovery: asyncio.Task[None] | None = None
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> OnBehalfOfAuthorizer:
-        assert isinstance(settings.auth, OnBehalfOfAuth)
-        return cls(settings.auth, settings.tls)
-
-    def set_observer(self, observer: TokenObserver | None) -> None:
-        self._observer = observer
 
     async def start(self) -> None:
         await self._validator.start()
@@ -146,14 +132,11 @@ class OnBehalfOfAuthorizer:
         # A caller's bad token is that caller's 401, never the whole pod's readiness.
         return self.last_error is None
 
-    def seconds_until_expiry(self) -> float | None:
-        return None
-
     def _key(self, assertion: str) -> str:
         return hashlib.sha256(f"{self._scope}\0{assertion}".encode()).hexdigest()
 
     async def token_for(self, headers: Mapping[str, str]) -> str:
-        assertion = bearer_of(headers)
+        assertion = bearer_token(headers)
         if assertion is None:
             raise IdentityError(
                 "no user token: on-behalf-of needs the caller's own token in `Authorization: Bearer <token>`",
@@ -174,7 +157,7 @@ class OnBehalfOfAuthorizer:
         had now (answer the caller with the upstream's rejection). At most one exchange per held token is
         triggered by a rejection; a freshly exchanged token rejected too means no such exchange for this
         caller for REJECTION_BACKOFF."""
-        assertion = bearer_of(headers)
+        assertion = bearer_token(headers)
         if assertion is None:  # pragma: no cover - token_for already refused this request
             return None
         key = self._key(assertion)
@@ -206,7 +189,7 @@ class OnBehalfOfAuthorizer:
                 del self._failures[key]
             pending = self._pending[key] = _Pending(asyncio.get_running_loop().create_future())
             pending.task = asyncio.create_task(self._fetch_into(key, assertion, pending))
-            pending.task.add_done_callback(_consume)
+            pending.task.add_done_callback(mark_retrieved)
         if after_rejection:
             pending.after_rejection = True  # whatever this exchange brings counts as the rejection's re-exchange
         return await asyncio.shield(pending.future)
@@ -218,7 +201,6 @@ class OnBehalfOfAuthorizer:
             claims = await self._validator.claims(assertion)
             started = time.monotonic()
             requested_at, result = await _msal.call_msal(self._acquire, assertion)
-            self.exchanges += 1
             if "access_token" not in result:
                 caller_error = result.get("error") in _CALLER_ERRORS
                 error = _msal.error_from_result(result, status=401 if caller_error else 503)
@@ -230,7 +212,7 @@ class OnBehalfOfAuthorizer:
             # every waiter must get an answer: an error msal raises (a 5xx from the IdP) is an IdentityError too
             error = exc if isinstance(exc, IdentityError) else IdentityError(f"{type(exc).__name__}: {exc}")
             if started is not None:
-                self._observe("failure", started)
+                self._observe("failure", time.monotonic() - started)
                 if error.status != 401:
                     log.warning("on-behalf-of exchange failed: %s", error.one_line())
                     self._own_failure(error)
@@ -245,7 +227,7 @@ class OnBehalfOfAuthorizer:
             refresh_due = min(refresh_at(token, self._margin, issued_at), float(claims["exp"]))
             self._store(key, _Entry(token, refresh_due, pending.after_rejection))
             assert started is not None
-            self._observe("success", started)
+            self._observe("success", time.monotonic() - started)
             if not pending.future.done():
                 pending.future.set_result(token)
         finally:
@@ -266,7 +248,7 @@ class OnBehalfOfAuthorizer:
             if self._exchange_error is None:
                 return
             try:
-                await self.verify_client()
+                await self.check()
             except IdentityError as exc:
                 log.info("on-behalf-of credential still failing: %s", exc.one_line())
                 delay = min(delay * 2, RECOVERY_MAX_DELAY)
@@ -291,10 +273,10 @@ class OnBehalfOfAuthorizer:
 
     def _acquire(self, assertion: str) -> tuple[float, dict[str, Any]]:
         app = self._app.get()
-        requested_at = _msal.now()
+        requested_at = time.time()
         return requested_at, app.acquire_token_on_behalf_of(user_assertion=assertion, scopes=[self._scope])
 
-    async def verify_client(self) -> tuple[str, str]:
+    async def check(self) -> tuple[str, str | None]:
         """For `sidecar check`, which has no caller token to exchange: prove that the confidential client
         (tenant, client id, secret or certificate) is accepted, with an app-only token for the app itself
         (`<client_id>/.default`), which needs no API permission. Returns the token and what was verified."""
@@ -309,14 +291,19 @@ class OnBehalfOfAuthorizer:
 
     def _app_only_token(self) -> tuple[float, dict[str, Any]]:
         app = self._app.get()
-        requested_at = _msal.now()
+        requested_at = time.time()
         return requested_at, app.acquire_token_for_client(scopes=[f"{self._client_id}/.default"])
 
-    def _observe(self, outcome: str, started: float) -> None:
-        if self._observer is not None:
-            self._observer(self.flow, outcome, time.monotonic() - started)
 
+def build(settings: Settings, observer: TokenObserver | None = None) -> Authorizer:
+    from sidecar.tokens.caller_token import CallerTokenValidator
 
-def _consume(task: asyncio.Task[None]) -> None:
-    if not task.cancelled():
-        task.exception()
+    auth = settings.auth
+    assert isinstance(auth, OnBehalfOfAuth)
+    return OnBehalfOfAuthorizer(
+        auth,
+        settings.tls,
+        validator=CallerTokenValidator(auth, settings.tls, network=settings.network),
+        observer=observer,
+        network=settings.network,
+    )

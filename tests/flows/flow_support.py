@@ -214,7 +214,6 @@ def sign_in(stack: Stack, client_id: str, username: str, cache_path: Path) -> No
         _, answer = play_browser(flow["auth_uri"], stack.ca_pem_path)
         result = app.acquire_token_by_auth_code_flow(flow, answer)
         assert "access_token" in result, result.get("error_description")
-        cache.save()
     finally:
         http.close()
 

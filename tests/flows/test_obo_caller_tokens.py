@@ -22,7 +22,6 @@ from sidecar.config import Settings
 from sidecar.tokens import on_behalf_of
 from sidecar.tokens.base import IdentityError
 from sidecar.tokens.caller_token import CallerTokenValidator
-from sidecar.tokens.on_behalf_of import OnBehalfOfAuthorizer
 from sidecar_emulators import Stack
 from sidecar_emulators.entra import GRANT_JWT_BEARER
 from sidecar_emulators.tls import TestCA
@@ -181,7 +180,7 @@ async def test_failures_are_remembered_briefly_and_boundedly(stack: Stack, monke
     monkeypatch.setattr(on_behalf_of, "FAILURE_CAPACITY", 16)
     monkeypatch.setattr(on_behalf_of, "FAILURE_TTL", 0.5)
     settings = Settings(**obo_config(stack))  # type: ignore[arg-type]
-    authorizer = OnBehalfOfAuthorizer.from_settings(settings)
+    authorizer = on_behalf_of.build(settings)
 
     async def refusal(token: str) -> BaseException:
         with pytest.raises(IdentityError) as caught:
@@ -354,7 +353,7 @@ async def test_a_rejected_fresh_token_is_not_exchanged_again(stack: Stack, monke
     rejected too, the answer is None (relay the upstream's 401), with no exchange for a while."""
     monkeypatch.setattr(on_behalf_of, "REJECTION_BACKOFF", 1.0)
     settings = Settings(**obo_config(stack))  # type: ignore[arg-type]
-    authorizer = OnBehalfOfAuthorizer.from_settings(settings)
+    authorizer = on_behalf_of.build(settings)
     await authorizer.start()
     try:
         headers = {"Authorization": f"Bearer {user_token(stack, 'alice@contoso.example', lifetime=3600)}"}
