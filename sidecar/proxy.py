@@ -164,39 +164,16 @@ class Proxy:
         try:
             upstream = await self._send(request, headers, token, body, exchange, backend)
         except (ConnectError, ConnectTimeout):
-            if not backends.failover:
-                raise
-            self._cool(backend, DEFAULT_UNREACHABLE_COOLDOWN)
-            retry = backends.pick(exclude=(backend,)) if body is not None else None
+            retry = backends.pick(exclude=(backend,)) if backends.failover and body is not None else None
             if retry is None:
                 raise
-            return await self._send_once_more(request, headers, token, body, exchange, retry), retry
-        if upstream.status in THROTTLED and backends.failover:
-            self._cool(backend, retry_after(upstream.headers) or DEFAULT_THROTTLE_COOLDOWN)
-            retry = backends.pick(exclude=(backend,)) if body is not None else None
+            return await self._send(request, headers, token, body, exchange, retry), retry
+        if upstream.status in THROTTLED and backends.failover and body is not None:
+            retry = backends.pick(exclude=(backend,))
             if retry is not None:
                 await _read_whole(upstream)
-                return await self._send_once_more(request, headers, token, body, exchange, retry), retry
+                return await self._send(request, headers, token, body, exchange, retry), retry
         return upstream, backend
-
-    async def _send_once_more(
-        self,
-        request: web.BaseRequest,
-        headers: list[tuple[str, str]],
-        token: str,
-        body: bytes | None,
-        exchange: Exchange,
-        backend: Backend,
-    ) -> Response:
-        """The one retry: its answer goes to the caller whatever it is, but a 429/503 still cools its backend."""
-        try:
-            upstream = await self._send(request, headers, token, body, exchange, backend)
-        except (ConnectError, ConnectTimeout):
-            self._cool(backend, DEFAULT_UNREACHABLE_COOLDOWN)
-            raise
-        if upstream.status in THROTTLED:
-            self._cool(backend, retry_after(upstream.headers) or DEFAULT_THROTTLE_COOLDOWN)
-        return upstream
 
     def _cool(self, backend: Backend, seconds: float) -> None:
         Backends.cool(backend, seconds)
@@ -216,19 +193,26 @@ class Proxy:
         assert backend.pool is not None, "the app's start-up gives every backend its pool"
         exchange.backend = backend.name
         # raw_path keeps the caller's encoding and query byte-for-byte (api-version, repeated keys)
-        upstream = await backend.pool.request(
-            request.method,
-            request.raw_path,
-            [*headers, ("Authorization", "Bearer " + token)],
-            body=body,
-            stream=request.content if body is None else None,
-            stream_length=request.content_length if body is None else None,
-        )
+        try:
+            upstream = await backend.pool.request(
+                request.method,
+                request.raw_path,
+                [*headers, ("Authorization", "Bearer " + token)],
+                body=body,
+                stream=request.content if body is None else None,
+                stream_length=request.content_length if body is None else None,
+            )
+        except (ConnectError, ConnectTimeout):
+            if self.backends.failover:  # a backend that cannot be reached is set aside for a moment
+                self._cool(backend, DEFAULT_UNREACHABLE_COOLDOWN)
+            raise
         exchange.bytes_in = len(body) if body is not None else (request.content_length or 0)
         exchange.ttfb = time.monotonic() - sent
         self._metrics.observe_ttfb(exchange.route, exchange.ttfb)
         exchange.upstream_ids = upstream_ids(upstream.headers)
         self._metrics.count_backend(self.name, backend.name, upstream.status)
+        if upstream.status in THROTTLED and self.backends.failover:  # for as long as it asks
+            self._cool(backend, retry_after(upstream.headers) or DEFAULT_THROTTLE_COOLDOWN)
         return upstream
 
     def _rejection_response(self, upstream: Response, body: bytes, token: str) -> web.Response:
