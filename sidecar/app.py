@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -27,6 +28,9 @@ from sidecar.tokens import build_authorizer
 from sidecar.tokens.base import Authorizer, IdentityError
 from sidecar.tokens.manager import RetryPolicy
 from sidecar.upstream import Pool
+
+if TYPE_CHECKING:
+    from sidecar.telemetry import Telemetry
 
 log = logging.getLogger("sidecar")
 access_log = logging.getLogger("sidecar.access")
@@ -160,8 +164,14 @@ def build_app(
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[STATE] = state
+    telemetry: Telemetry | None = None
+    if settings.telemetry.otlp_endpoint is not None:
+        from sidecar import telemetry as tracing  # only then: with tracing off, no opentelemetry module loads
+
+        telemetry = tracing.Telemetry(settings.telemetry, settings.upstream.url)
     if authorizer is None:
-        authorizer = build_authorizer(settings, observer=metrics.observe_token, retry=retry)
+        observer = metrics.observe_token if telemetry is None else telemetry.observer(metrics.observe_token)
+        authorizer = build_authorizer(settings, observer=observer, retry=retry)
     app[AUTHORIZER] = authorizer
     metrics.track_expiry(authorizer.seconds_until_expiry)
     mirror = getattr(authorizer, "mirror_metrics", None)
@@ -183,7 +193,9 @@ def build_app(
             read_timeout=settings.upstream.read_timeout,  # idle time between bytes, never a total
             keepalive_timeout=30.0,
         )
-        proxy.attach(pool)
+        if telemetry is not None:
+            telemetry.start()  # before the first token fetch, which it traces
+        proxy.attach(pool, None if telemetry is None else telemetry.send)
         await authorizer.start()
         probe = asyncio.create_task(_probe_once_ready(settings, authorizer, pool)) if settings.upstream.probe else None
         try:
@@ -193,8 +205,12 @@ def build_app(
                 probe.cancel()
             await authorizer.aclose()
             await pool.close()
+            if telemetry is not None:
+                await telemetry.aclose()  # the last spans leave (bounded), in-flight ones ended by now
 
     dispatch = build_dispatch(settings, metrics, state, proxy, authorizer)
+    if telemetry is not None:
+        dispatch = telemetry.dispatch(dispatch)
     app[DISPATCH] = dispatch
     app[ADMIN] = health.admin_handler(health.own_routes(state, authorizer, metrics))
     app.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=_expect_in_dispatch)

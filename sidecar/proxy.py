@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import aiohttp
 from aiohttp import web
@@ -79,6 +80,21 @@ class Exchange:
 EXCHANGE = web.RequestKey("exchange", Exchange)
 
 
+class Send(Protocol):
+    """Pool.request's shape: what the proxy calls for each upstream request."""
+
+    async def __call__(
+        self,
+        method: str,
+        path_qs: str,
+        headers: Iterable[tuple[str, str]],
+        *,
+        body: bytes | None,
+        stream: aiohttp.StreamReader | None = None,
+        stream_length: int | None = None,
+    ) -> Response: ...
+
+
 def filter_headers(
     headers: Iterable[tuple[str, str]], drop: frozenset[str], connection: Iterable[str] = ()
 ) -> list[tuple[str, str]]:
@@ -125,15 +141,19 @@ class Proxy:
         self._authorizer = authorizer
         self._replay = ReplayBudget(replay_budget)
         self._pool: Pool | None = None
+        self._send_upstream: Send | None = None
         self._metrics = metrics
         # static headers replace any the caller sent under the same name
         self._extra_headers = list((extra_headers or {}).items())
         self._drop_from_caller = _DROP_FROM_CALLER | {name.lower() for name in (extra_headers or {})}
         self._audience = audience
 
-    def attach(self, pool: Pool) -> None:
-        """The app's one upstream connection pool, created when the app starts (it needs a loop)."""
+    def attach(self, pool: Pool, wrap: Callable[[Send], Send] | None = None) -> None:
+        """The app's one upstream connection pool, created when the app starts (it needs a loop). `wrap`: the
+        tracing around each upstream request (sidecar/telemetry.py), bound here once: with tracing off the
+        request path is exactly the untraced one."""
         self._pool = pool
+        self._send_upstream = pool.request if wrap is None else wrap(pool.request)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         # One flat coroutine for the whole exchange: each level of awaits is paid again on every resume.
@@ -190,9 +210,9 @@ class Proxy:
         exchange: Exchange,
     ) -> Response:
         sent = time.monotonic()
-        assert self._pool is not None, "Proxy.attach() is called when the app starts"
+        assert self._send_upstream is not None, "Proxy.attach() is called when the app starts"
         # raw_path keeps the caller's encoding and query byte-for-byte (api-version, repeated keys)
-        upstream = await self._pool.request(
+        upstream = await self._send_upstream(
             request.method,
             request.raw_path,
             [*headers, ("Authorization", "Bearer " + token)],
