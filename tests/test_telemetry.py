@@ -302,6 +302,7 @@ def test_the_standard_otel_variables_are_the_defaults(monkeypatch: pytest.Monkey
         ({}, {"otlp_endpoint": "collector:4318"}, "telemetry.otlp_endpoint: must be the collector's http(s) base URL"),
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": "grpc://c:4317"}, {}, "telemetry.otlp_endpoint: must be the collector's"),
         ({}, {"otlp_endpoint": "http://c:4318?key=1"}, "telemetry.otlp_endpoint: must be the collector's"),
+        ({}, {"otlp_endpoint": "https://u:p@c:4318"}, "telemetry.otlp_endpoint: must not carry credentials"),
         (
             {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
             {"otlp_endpoint": "http://c:4317"},

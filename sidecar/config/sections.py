@@ -196,6 +196,8 @@ class TelemetryConfig(_Section):
                 f"must be the collector's http(s) base URL, such as http://otel-collector:4318 (got {value!r}; "
                 f"{OTEL_ENDPOINT_ENV} sets it when the config does not)"
             )
+        if url.user or url.password:  # the URL is logged; a collector's credentials belong in a header
+            raise ValueError("must not carry credentials: put them in OTEL_EXPORTER_OTLP_HEADERS")
         return str(url).rstrip("/")
 
     @model_validator(mode="after")
