@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from harness import FAST_RETRY, JWT, config_for, wait_ready, write_config
+from harness import FAST_RETRY, JWT, config_for, free_port, wait_ready, write_config
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -214,6 +214,28 @@ async def test_spans_continue_the_callers_trace_and_the_upstream_gets_ours(stack
     for value in (token, stack.client_secret, "query-7f3a", "api-version", "caller-id-5d1e", "gpt-4o-mini"):
         assert value.encode() not in exported, value
     assert not JWT.search(exported.decode("utf-8", "replace"))
+
+
+async def test_an_unreachable_upstream_marks_both_spans_as_errors(stack: Stack, collector: Collector) -> None:
+    nobody = f"http://127.0.0.1:{free_port()}"
+    config = config_for(
+        stack, upstream={"url": nobody, "connect_timeout": 2}, telemetry={"otlp_endpoint": collector.url}
+    )
+    sidecar = await start(Settings(**config), retry=FAST_RETRY)
+    try:
+        await wait_ready(sidecar)
+        async with aiohttp.ClientSession() as http, http.post(sidecar.url + CHAT, data=BODY) as response:
+            assert response.status == 502
+    finally:
+        await sidecar.aclose()
+    spans = collector.spans()
+    (server,) = [span for span in spans if span.kind == SERVER]
+    (client,) = [span for span in spans if span.kind == CLIENT]
+    assert client.parent_id == server.span_id
+    assert client.status == server.status == 2  # STATUS_CODE_ERROR
+    assert client.attributes["error.type"] == "ConnectError"
+    assert "http.response.status_code" not in client.attributes
+    assert (server.attributes["http.response.status_code"], server.attributes["error.type"]) == (502, "502")
 
 
 PROBE = """
