@@ -62,6 +62,16 @@ def parse_args() -> argparse.Namespace:
         help="the sidecar's event loop (`sidecar serve` uses uvloop)",
     )
     parser.add_argument("--no-access-log", action="store_true", help="run the sidecar with logging.access_log off")
+    parser.add_argument(
+        "--otel",
+        type=float,
+        nargs="?",
+        const=1.0,
+        default=None,
+        metavar="RATIO",
+        help="run the sidecar with tracing on (the otel extra) at this sample ratio (default 1), exporting to the "
+        "upstream nginx (it answers 200 to anything)",
+    )
     parser.add_argument("--held", default="100,1000", help="stream counts to hold at once")
     parser.add_argument("--ttfb-rounds", type=int, default=40)
     parser.add_argument("--burst-rounds", type=int, default=15)
@@ -175,6 +185,9 @@ class Bench:
             },
             "logging": {"level": "INFO", "format": "text", "access_log": not self.args.no_access_log},
         }
+        if self.args.otel is not None:  # spans exported for real, over HTTP, to a sink that costs next to nothing
+            upstream = f"http://127.0.0.1:{self.ports['upstream']}"
+            config["telemetry"] = {"otlp_endpoint": upstream, "sample_ratio": self.args.otel}
         if self.args.workers is not None:
             workers = self.args.workers
             config["workers"] = int(workers) if workers.isdigit() else workers
@@ -434,6 +447,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "workers": args.workers or "default",
             "loop": args.loop,
             "access_log": not args.no_access_log,
+            "otel_sample_ratio": args.otel,
             "wrk_threads": "min(2, connections)",
         },
         "versions": versions(),

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -31,6 +32,9 @@ from sidecar.tokens.base import Authorizer, IdentityError, TokenObserver
 from sidecar.tokens.manager import RetryPolicy
 from sidecar.upstream import Pool
 from sidecar.websocket import UpstreamSockets, WebSocketRelay, is_websocket, key_headers
+
+if TYPE_CHECKING:
+    from sidecar.telemetry import Telemetry
 
 log = logging.getLogger("sidecar")
 access_log = logging.getLogger("sidecar.access")
@@ -164,7 +168,7 @@ def _static_headers(route: RouteConfig) -> dict[str, str]:
 def _authorizers(
     settings: Settings,
     routes: Sequence[RouteConfig],
-    metrics: Metrics,
+    observe: TokenObserver,
     make_authorizer: AuthorizerFactory | None,
     retry: RetryPolicy | None,
 ) -> dict[str, Authorizer]:
@@ -172,10 +176,10 @@ def _authorizers(
     authorizers: dict[str, Authorizer] = {}
     for scope in dict.fromkeys(route.scope or settings.auth.scope for route in routes):
         if scope == settings.auth.scope and make_authorizer is not None:
-            authorizers[scope] = make_authorizer(metrics.observe_token)
+            authorizers[scope] = make_authorizer(observe)
             continue
         scoped = settings.model_copy(update={"auth": settings.auth.model_copy(update={"scope": scope})})
-        authorizers[scope] = build_authorizer(scoped, observer=metrics.observe_token, retry=retry)
+        authorizers[scope] = build_authorizer(scoped, observer=observe, retry=retry)
     return authorizers
 
 
@@ -196,8 +200,15 @@ def build_app(
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[STATE] = state
+    telemetry: Telemetry | None = None
+    observe: TokenObserver = metrics.observe_token
+    if settings.telemetry.otlp_endpoint is not None:
+        from sidecar import telemetry as tracing  # only then: with tracing off, no opentelemetry module loads
+
+        telemetry = tracing.Telemetry(settings.telemetry)
+        observe = telemetry.observer(metrics.observe_token)
     routes = settings.effective_routes()
-    by_scope = _authorizers(settings, routes, metrics, make_authorizer, retry)
+    by_scope = _authorizers(settings, routes, observe, make_authorizer, retry)
     primary = by_scope.get(settings.auth.scope) or next(iter(by_scope.values()))
     app[AUTHORIZER] = primary
     metrics.track_expiry(primary.seconds_until_expiry)
@@ -243,6 +254,8 @@ def build_app(
                     keepalive_timeout=30.0,
                     proxy=settings.network.proxy_for(backend.url),
                 )
+                request = backend.pool.request
+                backend.send = request if telemetry is None else telemetry.send(request, backend.url)
             # Realtime sessions go to the route's preferred backend: a session is long, failover is per request
             preferred = min(proxy.backends.all, key=lambda backend: backend.priority)
             sockets.append(
@@ -255,6 +268,8 @@ def build_app(
                 )
             )
             relay.attach(sockets[-1])
+        if telemetry is not None:
+            telemetry.start()  # before the first token fetch, which it traces
         for each in by_scope.values():
             await each.start()
         checks = [asyncio.create_task(_probe_once_ready(proxy, path)) for proxy, path in probes]
@@ -271,10 +286,14 @@ def build_app(
                         await backend.pool.close()
             for each_sockets in sockets:
                 await each_sockets.close()
+            if telemetry is not None:
+                await telemetry.aclose()  # the last spans leave (bounded), in-flight ones ended by now
 
     authorizers = list(by_scope.values())
     table = sorted(zip(proxies, relays, strict=True), key=lambda pair: -len(pair[0].prefix))
     dispatch = build_dispatch(settings, metrics, state, table, authorizers)
+    if telemetry is not None:
+        dispatch = telemetry.dispatch(dispatch)
     app[DISPATCH] = dispatch
     app[ADMIN] = health.admin_handler(health.own_routes(state, authorizers, metrics))
     app.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=_expect_in_dispatch)

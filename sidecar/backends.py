@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 
-from sidecar.upstream import Pool, UpstreamError
+from sidecar.upstream import Pool, Send, UpstreamError
 
 # When a 429/503 says nothing usable about how long to wait, and when a backend cannot be reached at all.
 DEFAULT_THROTTLE_COOLDOWN = 10.0
@@ -29,6 +29,7 @@ class Backend:
     url: str
     priority: int
     pool: Pool | None = None  # created when the app starts (it needs a loop)
+    send: Send | None = None  # pool.request, inside a client span when tracing is on (sidecar/telemetry.py)
     cooling_until: float = 0.0  # monotonic
     _turns: int = field(default=0, repr=False)
 

@@ -190,11 +190,11 @@ class Proxy:
         backend: Backend,
     ) -> Response:
         sent = time.monotonic()
-        assert backend.pool is not None, "the app's start-up gives every backend its pool"
+        assert backend.send is not None, "the app's start-up gives every backend its pool"
         exchange.backend = backend.name
         # raw_path keeps the caller's encoding and query byte-for-byte (api-version, repeated keys)
         try:
-            upstream = await backend.pool.request(
+            upstream = await backend.send(
                 request.method,
                 request.raw_path,
                 [*headers, ("Authorization", "Bearer " + token)],

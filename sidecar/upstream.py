@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ssl
 from collections.abc import Iterable
+from typing import Protocol
 
 import aiohttp
 from multidict import CIMultiDict
@@ -141,6 +142,21 @@ class Response:
     def close(self) -> None:
         """Done with the response: an unfinished exchange closes its connection (finished ones were pooled)."""
         self._response.close()
+
+
+class Send(Protocol):
+    """Pool.request's shape: what the proxy calls for each upstream request (tracing wraps it)."""
+
+    async def __call__(
+        self,
+        method: str,
+        path_qs: str,
+        headers: Iterable[tuple[str, str]],
+        *,
+        body: bytes | None,
+        stream: aiohttp.StreamReader | None = None,
+        stream_length: int | None = None,
+    ) -> Response: ...
 
 
 class Pool:

@@ -33,9 +33,9 @@ def declared(project: dict[str, object]) -> dict[str, Requirement]:
 
 
 def imported_modules(package: Path) -> set[str]:
-    """Every absolute module name imported anywhere in the package, functions included."""
+    """Every absolute module name imported anywhere in the package (or the one file), functions included."""
     names: set[str] = set()
-    for path in package.rglob("*.py"):
+    for path in package.rglob("*.py") if package.is_dir() else [package]:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 names.update(alias.name for alias in node.names)
@@ -63,11 +63,22 @@ def third_party(modules: set[str], own: set[str]) -> set[str]:
 
 def test_the_proxy_declares_exactly_the_third_party_packages_it_imports() -> None:
     # sidecar_emulators: only `sidecar demo` imports it, and says how to get it when it is absent (test_cli.py).
-    modules = third_party(imported_modules(ROOT / "sidecar"), {"sidecar", "sidecar_emulators", "__future__"})
+    own = {"sidecar", "sidecar_emulators", "__future__"}
+    modules = third_party(imported_modules(ROOT / "sidecar"), own)
     used = {distribution_of(module) for module in modules}
+    # The `otel` extra: sidecar/telemetry.py alone imports it, and app.py loads that module only with tracing on
+    # (test_telemetry.py checks that nothing of it is loaded otherwise).
+    otel = set(declared({"dependencies": RUNTIME["optional-dependencies"]["otel"]}))
+    elsewhere = {
+        distribution_of(module)
+        for path in (ROOT / "sidecar").rglob("*.py")
+        if path.name != "telemetry.py"
+        for module in third_party(imported_modules(path), own)
+    }
+    assert not otel & elsewhere, "only sidecar/telemetry.py imports the otel extra"
     # PyJWT is declared without an import of ours yet: msal signs client assertions with it, and caller-token
     # validation (on-behalf-of) is to use it.
-    assert used | {"pyjwt"} == set(declared(RUNTIME)), "sidecar/ imports what pyproject.toml declares, no more"
+    assert used | {"pyjwt"} == set(declared(RUNTIME)) | otel, "sidecar/ imports what pyproject.toml declares, no more"
     assert not EMULATOR_ONLY & set(declared(RUNTIME))
 
 

@@ -1,9 +1,11 @@
 """Configuration: the only place that knows key names, env names and defaults, and the only place that reads
-the environment (azure-identity's DefaultAzureCredential and ManagedIdentityCredential read their own).
+the environment (azure-identity's DefaultAzureCredential and ManagedIdentityCredential read their own, and so do
+the OpenTelemetry SDK and its exporter, beyond the endpoint and service name read here).
 
 Sources, strongest first: environment (`SIDECAR_` prefix, `__` between nested keys), then the YAML file
-(`--config` or `SIDECAR_CONFIG`), then the defaults. `sections` holds listen, upstream, tls, inbound and logging;
-`auth` one model per flow (a discriminated union on `auth.flow`); `settings` puts them together and loads them.
+(`--config` or `SIDECAR_CONFIG`), then the defaults. `sections` holds listen, upstream, tls, inbound, logging and
+telemetry; `auth` one model per flow (a discriminated union on `auth.flow`); `settings` puts them together and
+loads them.
 """
 
 from sidecar.config.auth import (
@@ -37,6 +39,7 @@ from sidecar.config.sections import (
     InboundConfig,
     ListenConfig,
     LoggingConfig,
+    TelemetryConfig,
     TlsConfig,
     UpstreamConfig,
     is_loopback,
@@ -70,6 +73,7 @@ __all__ = [
     "NetworkConfig",
     "OnBehalfOfAuth",
     "Settings",
+    "TelemetryConfig",
     "TlsConfig",
     "UpstreamConfig",
     "UserSignInAuth",

@@ -167,5 +167,89 @@ class LoggingConfig(_Section):
         return value.strip().upper() if info.field_name == "level" else value.strip().lower()
 
 
+# The standard OpenTelemetry variables the sidecar reads itself; the SDK and its exporter read the rest
+# (OTEL_EXPORTER_OTLP_HEADERS, _TIMEOUT, _CERTIFICATE, _COMPRESSION, OTEL_RESOURCE_ATTRIBUTES), as
+# azure-identity reads its own.
+OTEL_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
+OTEL_SERVICE_NAME_ENV = "OTEL_SERVICE_NAME"
+_OTEL_PROTOCOL_ENVS = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+# importable only with the `otel` extra installed (pip install 'entra-token-sidecar[otel]')
+OTEL_MODULES = ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http")
+
+
+def _otel_endpoint_from_env() -> str | None:
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    return os.environ.get(OTEL_ENDPOINT_ENV, "").strip() or None
+
+
+class TelemetryConfig(_Section):
+    """OpenTelemetry traces over OTLP/HTTP (protobuf): off unless an endpoint is set, by this key or by the
+    standard OTEL_EXPORTER_OTLP_ENDPOINT (the key wins; `key: null` counts as not set, as everywhere)."""
+
+    # The collector's base URL, as OTEL_EXPORTER_OTLP_ENDPOINT: traces go to <endpoint>/v1/traces.
+    otlp_endpoint: str | None = Field(default_factory=_otel_endpoint_from_env, validate_default=True)
+    service_name: str = Field(
+        default_factory=lambda: os.environ.get(OTEL_SERVICE_NAME_ENV, "").strip() or "sidecar", min_length=1
+    )
+    # Traces started here (no sampled traceparent from the caller) kept at this ratio; a caller's decision is
+    # followed (parent-based sampling).
+    sample_ratio: float = Field(1.0, ge=0, le=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, values: object) -> object:
+        # the example lists `otlp_endpoint: null`: a copy of it must still take OTEL_EXPORTER_OTLP_ENDPOINT
+        if isinstance(values, dict):
+            return {key: value for key, value in values.items() if value is not None}
+        return values
+
+    @field_validator("otlp_endpoint", mode="before")
+    @classmethod
+    def _blank_is_off(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint_is_http(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from yarl import URL
+
+        url = URL(value.strip())
+        if url.scheme not in ("http", "https") or not url.host or url.query_string or url.fragment:
+            raise ValueError(
+                f"must be the collector's http(s) base URL, such as http://otel-collector:4318 (got {value!r}; "
+                f"{OTEL_ENDPOINT_ENV} sets it when the config does not)"
+            )
+        if url.user or url.password:  # the URL is logged; a collector's credentials belong in a header
+            raise ValueError("must not carry credentials: put them in OTEL_EXPORTER_OTLP_HEADERS")
+        return str(url).rstrip("/")
+
+    @model_validator(mode="after")
+    def _exportable(self) -> TelemetryConfig:
+        if self.otlp_endpoint is None:
+            return self
+        for name in _OTEL_PROTOCOL_ENVS:
+            protocol = os.environ.get(name, "").strip()
+            if protocol and protocol != "http/protobuf":
+                raise ValueError(
+                    f"telemetry.otlp_endpoint: {name}={protocol} is not supported; the sidecar sends OTLP over "
+                    "HTTP (http/protobuf, usually port 4318): unset it or set it to http/protobuf"
+                )
+        import importlib.util
+
+        try:
+            missing = [name for name in OTEL_MODULES if importlib.util.find_spec(name) is None]
+        except ModuleNotFoundError:  # not even the opentelemetry namespace
+            missing = list(OTEL_MODULES)
+        if missing:
+            raise ValueError(
+                "telemetry.otlp_endpoint: traces need the OpenTelemetry packages, which are not installed: "
+                "pip install 'entra-token-sidecar[otel]' (or unset the endpoint and OTEL_EXPORTER_OTLP_ENDPOINT)"
+            )
+        return self
+
+
 def read_secret_file(path: Path) -> str:
     return path.read_text(encoding="utf-8").strip()

@@ -36,6 +36,7 @@ from sidecar.config.sections import (
     InboundConfig,
     ListenConfig,
     LoggingConfig,
+    TelemetryConfig,
     TlsConfig,
     UpstreamConfig,
     read_secret_file,
@@ -59,6 +60,7 @@ class Settings(BaseSettings):
     auth: AuthConfig
     inbound: InboundConfig = Field(default_factory=InboundConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     shutdown_grace: float = Field(25.0, ge=0)
     # Serving processes sharing the listening port; one of them never multiplies identity-provider calls
     # (the parent owns the token and hands it to the workers). "auto" is one per CPU.
@@ -243,7 +245,7 @@ def _explain(error: ValidationError) -> list[str]:
             lines.append(f"{key}: unknown key; check its spelling against config.example.yaml")
         elif kind == "enum":
             lines.append(f"{key}: {message}")
-        elif "\n" in message or message.startswith(("auth.", "upstream.", "routes")):
+        elif "\n" in message or message.startswith(("auth.", "upstream.", "routes", "telemetry.")):
             # a cross-key rule already names its keys, one per line
             lines.extend(message.splitlines())
         else:
