@@ -24,7 +24,9 @@ from sidecar.exchange import Exchange
 
 # method route status duration, then key=value fields ("-" when absent): greppable, and stable for parsers
 _NO_EXCHANGE = Exchange()  # requests the sidecar answered itself: nothing went upstream
-_MESSAGE = "%s %s %d %.1fms ttfb=%s in=%d out=%d request_id=%s apim_request_id=%s upstream_request_id=%s region=%s"
+_MESSAGE = (
+    "%s %s %d %.1fms ttfb=%s in=%d out=%d backend=%s request_id=%s apim_request_id=%s upstream_request_id=%s region=%s"
+)
 
 
 class AccessLog:
@@ -70,6 +72,7 @@ class AccessLog:
                 "-" if ttfb_ms is None else f"{ttfb_ms:.1f}ms",
                 exchange.bytes_in,
                 exchange.bytes_out,
+                exchange.backend or "-",
                 request_id or "-",
                 apim or "-",
                 upstream_id or "-",
@@ -85,6 +88,7 @@ class AccessLog:
             bytes_in=exchange.bytes_in,
             bytes_out=exchange.bytes_out,
             upstream_status=exchange.upstream_status,
+            backend=exchange.backend,
             apim_request_id=apim,
             upstream_request_id=upstream_id,
             region=region,

@@ -21,6 +21,7 @@ _ACCESS_FIELDS = (
     "bytes_in",
     "bytes_out",
     "upstream_status",
+    "backend",
     "apim_request_id",
     "upstream_request_id",
     "region",

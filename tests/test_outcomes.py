@@ -92,9 +92,10 @@ async def test_the_access_line_carries_the_callers_and_the_upstreams_ids(
     text = record.getMessage()
     assert text.startswith("POST chat.completions 200 ")
     for part in ("request_id=caller-7", f"apim_request_id={apim}", f"upstream_request_id={upstream_id}",
-                 "region=Sweden Central", f"out={len(body)}", "ttfb="):  # fmt: skip
+                 "region=Sweden Central", f"out={len(body)}", "ttfb=", "backend=0"):  # fmt: skip
         assert part in text, (part, text)
     entry = json.loads(JsonFormatter().format(record))
     assert entry["request_id"] == "caller-7" and entry["apim_request_id"] == apim
     assert entry["upstream_request_id"] == upstream_id and entry["region"] == "Sweden Central"
     assert entry["bytes_out"] == len(body) and entry["ttfb_ms"] > 0 and entry["status"] == 200
+    assert entry["backend"] == "0"  # the one backend of the /openai/ route, by its index
