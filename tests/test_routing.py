@@ -96,3 +96,20 @@ def test_route_configuration_errors_name_the_key(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as caught:
             load_config(write_config(tmp_path, {**base, **extra}))
         assert any(line.startswith(expected) for line in caught.value.problems), (expected, caught.value.problems)
+
+
+def test_workers_share_one_token_so_other_scopes_need_one_process(tmp_path: Path) -> None:
+    """The parent hands auth.scope's token to the workers; a route with another scope would make every worker
+    ask the identity provider itself."""
+    config = {
+        "auth": {"flow": "azure_cli", "scope": "api://x/.default"},
+        "routes": [{"prefix": "/models/", "upstream": "https://ai.example", "scope": "api://other/.default"}],
+        "workers": 2,
+    }
+    with pytest.raises(ConfigError) as caught:
+        load_config(write_config(tmp_path, config))
+    assert caught.value.problems == [
+        "workers: routes with a scope other than auth.scope need workers: 1 (workers share one token)"
+    ]
+    config["routes"] = [{"prefix": "/models/", "upstream": "https://ai.example"}]  # auth.scope: shared, fine
+    assert load_config(write_config(tmp_path, config)).worker_count() == 2

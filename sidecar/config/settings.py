@@ -87,6 +87,10 @@ class Settings(BaseSettings):
         auth = info.data.get("auth")
         if value != 1 and auth is not None and auth.flow is Flow.ON_BEHALF_OF:
             raise ValueError("on_behalf_of gets a token per caller, which workers cannot share: use workers: 1")
+        scopes = {route.scope for route in info.data.get("routes") or () if route.scope}
+        if value != 1 and auth is not None and scopes - {auth.scope}:
+            # the parent shares auth.scope's token with the workers; other scopes would be fetched per worker
+            raise ValueError("routes with a scope other than auth.scope need workers: 1 (workers share one token)")
         return value  # type: ignore[return-value]
 
     @field_validator("routes")
