@@ -109,7 +109,7 @@ def test_workers_share_one_token_so_other_scopes_need_one_process(tmp_path: Path
     with pytest.raises(ConfigError) as caught:
         load_config(write_config(tmp_path, config))
     assert caught.value.problems == [
-        "workers: routes with a scope other than auth.scope need workers: 1 (workers share one token)"
+        "workers: a route with a scope other than auth.scope needs workers: 1 (workers share one token)"
     ]
     config["routes"] = [{"prefix": "/models/", "upstream": "https://ai.example"}]  # auth.scope: shared, fine
     assert load_config(write_config(tmp_path, config)).worker_count() == 2

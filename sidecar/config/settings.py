@@ -90,7 +90,7 @@ class Settings(BaseSettings):
         scopes = {route.scope for route in info.data.get("routes") or () if route.scope}
         if value != 1 and auth is not None and scopes - {auth.scope}:
             # the parent shares auth.scope's token with the workers; other scopes would be fetched per worker
-            raise ValueError("routes with a scope other than auth.scope need workers: 1 (workers share one token)")
+            raise ValueError("a route with a scope other than auth.scope needs workers: 1 (workers share one token)")
         return value  # type: ignore[return-value]
 
     @field_validator("routes")
