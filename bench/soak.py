@@ -66,6 +66,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rss-limit-mb", type=float, default=10.0, help="allowed RSS growth after the warm-up")
     parser.add_argument("--drain-wait", type=float, default=75.0, help="seconds to wait for the pool to close")
     parser.add_argument("--time-limit", type=float, default=600.0, help="fail if the whole run takes longer")
+    parser.set_defaults(otel=None)  # bench/run.py's Bench reads it: the soak runs without tracing
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--output", default=str(HERE / "results" / "soak.json"))
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, configs)")

@@ -6,7 +6,7 @@ import aiohttp
 from harness import StartSidecar, config_for, wait_ready
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar_emulators import Stack
+from sidecar_emulators import Scripted, Stack
 
 CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-06-01"
 
@@ -44,3 +44,22 @@ async def test_without_an_admin_port_metrics_stay_on_the_main_listener(stack: St
     assert running.admin_url is None
     async with aiohttp.ClientSession() as http, http.get(running.url + "/metrics") as response:
         assert response.status == 200
+
+
+async def test_upstream_429s_are_counted_under_their_own_code(stack: Stack, run_sidecar: StartSidecar) -> None:
+    """429 is the signal that matters most with Azure OpenAI: it has its own `code`, not a 4xx class."""
+    running = await run_sidecar(config_for(stack, admin={"port": 0}))
+    await wait_ready(running)
+    stack.upstream.script(*(Scripted.rate_limited(1) for _ in range(3)))
+    async with aiohttp.ClientSession() as http:
+        for expected in (429, 429, 429, 200):
+            async with http.post(running.url + CHAT, json={"messages": []}) as response:
+                assert response.status == expected
+        async with http.get(running.admin_url + "/metrics") as response:
+            families = {f.name: f for f in text_string_to_metric_families(await response.text())}
+    counted = {
+        sample.labels["code"]: sample.value
+        for sample in families["sidecar_requests"].samples
+        if sample.labels.get("route") == "chat.completions" and sample.name == "sidecar_requests_total"
+    }
+    assert counted == {"429": 3, "200": 1}
