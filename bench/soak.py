@@ -66,7 +66,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rss-limit-mb", type=float, default=10.0, help="allowed RSS growth after the warm-up")
     parser.add_argument("--drain-wait", type=float, default=75.0, help="seconds to wait for the pool to close")
     parser.add_argument("--time-limit", type=float, default=600.0, help="fail if the whole run takes longer")
-    parser.set_defaults(otel=None)  # bench/run.py's Bench reads it: the soak runs without tracing
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--output", default=str(HERE / "results" / "soak.json"))
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, configs)")
@@ -77,7 +76,8 @@ class Rig(run.Bench):
     """The benchmark's emulator and sidecar processes, the sidecar pointed straight at the upstream emulator."""
 
     def __init__(self, workdir: Path) -> None:
-        super().__init__(argparse.Namespace(loop="uvloop", workers=None, no_access_log=False), workdir)
+        # bench/run.py's options, as the soak runs its sidecar: uvloop, one process, access log on, no tracing
+        super().__init__(argparse.Namespace(loop="uvloop", workers=None, no_access_log=False, otel=None), workdir)
 
     def sidecar_config(self) -> dict[str, Any]:
         config = super().sidecar_config()
