@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from flow_support import (
+from harness import StartSidecar
+from rigs import (
     AZ_CLI_CLIENT_ID,
     chat,
     clean_environ,
@@ -17,7 +18,6 @@ from flow_support import (
     use_env,
     write_config,
 )
-from harness import StartSidecar
 
 from sidecar_emulators import Stack
 

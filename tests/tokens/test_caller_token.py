@@ -14,8 +14,8 @@ import aiohttp
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
-from flow_support import API_VERSION, chat, obo_config, sdk, until
 from harness import StartSidecar, merge
+from rigs import API_VERSION, chat, obo_config, sdk, until
 
 from sidecar.claims import unverified_claims
 from sidecar.config import Settings

@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
-from flow_support import (
+from harness import StartSidecar, wait_ready
+from rigs import (
     AKS_ISSUER,
     AKS_SUBJECT,
     chat,
@@ -19,7 +20,6 @@ from flow_support import (
     use_env,
     write_config,
 )
-from harness import StartSidecar, wait_ready
 
 from sidecar_emulators import Stack
 from sidecar_emulators.entra import GRANT_CLIENT_CREDENTIALS

@@ -9,7 +9,8 @@ from typing import Any
 
 import openai
 import pytest
-from flow_support import (
+from harness import LogWatch, StartSidecar, wait_ready
+from rigs import (
     Cli,
     chat,
     claims_printed,
@@ -22,7 +23,6 @@ from flow_support import (
     use_env,
     write_config,
 )
-from harness import LogWatch, StartSidecar, wait_ready
 
 from sidecar_emulators import Stack
 from sidecar_emulators.entra import GRANT_DEVICE_CODE, GRANT_REFRESH_TOKEN

@@ -8,8 +8,8 @@ from typing import Any
 
 import openai
 import pytest
-from flow_support import chat, obo_config, sdk, until
 from harness import StartSidecar
+from rigs import chat, obo_config, sdk, until
 
 from sidecar.claims import unverified_claims
 from sidecar.server import RunningSidecar

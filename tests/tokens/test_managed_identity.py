@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from flow_support import chat, flow_config, sdk, use_env
 from harness import _WATCH, StartSidecar
+from rigs import chat, flow_config, sdk, use_env
 
 from sidecar.claims import unverified_claims
 from sidecar.config import Settings

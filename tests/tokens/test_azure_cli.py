@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flow_support import (
+from rigs import (
     AZ_CLI_CLIENT_ID,
     claims_printed,
     clean_environ,

@@ -1,7 +1,7 @@
 """What the flow tests share: per-flow set-ups ("rigs") on the emulator stack, the fake `az`, the fake browser,
 a streaming CLI runner and a garbage check for unclosed sessions.
 
-A plain module with a name no other test folder uses (like tests/harness.py), imported as `flow_support`.
+A plain module with a name no other test folder uses (like tests/harness.py), imported as `rigs`.
 """
 
 from __future__ import annotations

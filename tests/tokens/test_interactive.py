@@ -7,7 +7,8 @@ from pathlib import Path
 
 import openai
 import pytest
-from flow_support import (
+from harness import StartSidecar, start_serve, stop_serve, wait_ready
+from rigs import (
     chat,
     clean_environ,
     flow_config,
@@ -19,7 +20,6 @@ from flow_support import (
     use_env,
     write_config,
 )
-from harness import StartSidecar, start_serve, stop_serve, wait_ready
 
 from sidecar.app import AUTHORIZER
 from sidecar_emulators import Stack

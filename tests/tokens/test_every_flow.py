@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from flow_support import (
+from harness import JWT, StartSidecar, merge
+from rigs import (
     FLOWS,
     Rigs,
     chat,
@@ -22,7 +23,6 @@ from flow_support import (
     use_env,
     write_config,
 )
-from harness import JWT, StartSidecar, merge
 
 from sidecar.app import AUTHORIZER, STATE
 from sidecar_emulators import Stack
