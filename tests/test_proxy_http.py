@@ -7,13 +7,12 @@ import gzip
 import hashlib
 import io
 import json
-import socket
 import time
 
 import aiohttp
 import pytest
 from aiohttp import web
-from harness import StartSidecar, config_for, wait_ready
+from harness import StartSidecar, config_for, free_port, wait_ready
 from yarl import URL
 
 from sidecar.server import RunningSidecar
@@ -146,12 +145,6 @@ async def test_redirect_is_returned_and_its_target_never_gets_a_token(
         assert len(stack.upstream.requests) == 2
     finally:
         await runner.cleanup()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def test_upstream_down_is_502_json(stack: Stack, run_sidecar: StartSidecar, http: aiohttp.ClientSession) -> None:

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-import yaml
-from harness import _WATCH, config_for, start_serve
+from harness import _WATCH, config_for, start_serve, write_config
 
 from sidecar.claims import unverified_claims
-from sidecar.config import ConfigError, load_config
+from sidecar.config import ConfigError, Settings, load_config
 from sidecar.token_channel import ChannelAuthorizer, TokenBroker
 from sidecar.tokens.base import AccessToken, IdentityError
 from sidecar.tokens.manager import RetryPolicy, TokenManager
@@ -25,12 +24,6 @@ from sidecar_emulators import Stack
 CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-06-01"
 BODY = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
 STREAM_BODY = json.dumps({"stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def start_workers(stack: Stack, tmp_path: Path, workers: int = 2, **overrides: object):
@@ -280,35 +273,20 @@ async def test_channel_errors_expiry_and_a_lost_parent() -> None:
 
 
 def test_workers_config(tmp_path: Path) -> None:
-    base = config_for_file(tmp_path, "client_credentials")
-    assert load_config(write(tmp_path, base)).workers == 1
-    assert load_config(write(tmp_path, {**base, "workers": "auto"})).worker_count() >= 1
-    assert load_config(write(tmp_path, {**base, "workers": 3})).worker_count() == 3
+    def load(flow: str, **extra: object) -> Settings:
+        auth = {"flow": flow, "scope": "api://x/.default", "tenant_id": "t", "client_id": "c", "client_secret": "s"}
+        config = {"upstream": {"url": "https://func.example.net/api"}, "auth": auth, **extra}
+        return load_config(write_config(tmp_path / "sidecar.yaml", config))
+
+    assert load("client_credentials").workers == 1
+    assert load("client_credentials", workers="auto").worker_count() >= 1
+    assert load("client_credentials", workers=3).worker_count() == 3
     for wrong in (0, 65, "many"):
         with pytest.raises(ConfigError) as caught:
-            load_config(write(tmp_path, {**base, "workers": wrong}))
+            load("client_credentials", workers=wrong)
         assert caught.value.problems[0].startswith("workers: must be a number of processes")
     with pytest.raises(ConfigError) as caught:
-        load_config(write(tmp_path, {**config_for_file(tmp_path, "on_behalf_of"), "workers": 2}))
+        load("on_behalf_of", workers=2)
     assert caught.value.problems == [
         "workers: on_behalf_of gets a token per caller, which workers cannot share: use workers: 1"
     ]
-
-
-def config_for_file(tmp_path: Path, flow: str) -> dict:
-    return {
-        "upstream": {"url": "https://func.example.net/api"},
-        "auth": {
-            "flow": flow,
-            "scope": "api://x/.default",
-            "tenant_id": "t",
-            "client_id": "c",
-            "client_secret": "s",
-        },
-    }
-
-
-def write(tmp_path: Path, config: dict) -> Path:
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path

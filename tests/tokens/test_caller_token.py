@@ -14,8 +14,7 @@ import aiohttp
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
-from harness import StartSidecar, merge
-from rigs import API_VERSION, chat, obo_config, sdk, until
+from harness import CHAT, StartSidecar, chat, config_for, sdk, until
 
 from sidecar.claims import unverified_claims
 from sidecar.config import Settings
@@ -27,7 +26,6 @@ from sidecar_emulators import Stack
 from sidecar_emulators.entra import GRANT_JWT_BEARER
 from sidecar_emulators.tls import TestCA
 
-CHAT_PATH = f"/openai/deployments/gpt-4o-mini/chat/completions?api-version={API_VERSION}"
 OTHER_TENANT = "0f0e0d0c-0b0a-4909-8807-060504030201"
 
 
@@ -90,7 +88,7 @@ class Forger:
 async def post_chat(http: aiohttp.ClientSession, url: str, token: str) -> tuple[int, dict[str, str], dict[str, Any]]:
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
     headers = {"Authorization": f"Bearer {token}"}
-    async with http.post(url + CHAT_PATH, json=body, headers=headers) as response:
+    async with http.post(url + CHAT, json=body, headers=headers) as response:
         return response.status, dict(response.headers), await response.json()
 
 
@@ -102,7 +100,7 @@ async def readyz(http: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, 
 async def test_a_flood_of_bad_caller_tokens_gets_401s_and_costs_no_exchange(
     stack: Stack, run_sidecar: StartSidecar
 ) -> None:
-    sidecar = await run_sidecar(obo_config(stack))
+    sidecar = await run_sidecar(config_for(stack, "on_behalf_of"))
     flood = Forger(stack).flood(per_kind=21)
     assert len(flood) >= 200
     async with aiohttp.ClientSession() as http:
@@ -128,7 +126,7 @@ async def test_a_flood_of_bad_caller_tokens_gets_401s_and_costs_no_exchange(
 
 
 async def test_bad_tokens_take_no_cache_slot_from_good_users(stack: Stack, run_sidecar: StartSidecar) -> None:
-    sidecar = await run_sidecar(merge(obo_config(stack), {"auth": {"obo_cache_size": 2}}))
+    sidecar = await run_sidecar(config_for(stack, "on_behalf_of", auth={"obo_cache_size": 2}))
     users = {name: stack.entra.register_user(name) for name in ("alice@contoso.example", "bob@contoso.example")}
     clients = {name: sdk(sidecar.url, azure_ad_token=user_token(stack, name, lifetime=3600)) for name in users}
     for name, oid in users.items():
@@ -156,7 +154,7 @@ async def test_an_identity_provider_refusal_is_the_callers_and_takes_no_cache_sl
 ) -> None:
     """A token that passes the sidecar's checks but that the identity provider refuses (an app-only token:
     on-behalf-of needs a user) is that caller's 401: it neither evicts a user nor makes the pod unready."""
-    sidecar = await run_sidecar(merge(obo_config(stack), {"auth": {"obo_cache_size": 1}}))
+    sidecar = await run_sidecar(config_for(stack, "on_behalf_of", auth={"obo_cache_size": 1}))
     oid = stack.entra.register_user("alice@contoso.example")
     alice = sdk(sidecar.url, azure_ad_token=user_token(stack, "alice@contoso.example", lifetime=3600))
     assert f"oid={oid}" in await chat(alice)
@@ -180,7 +178,7 @@ async def test_failures_are_remembered_briefly_and_boundedly(stack: Stack, monke
     provider too, so the emulator's counters cannot show it.)"""
     monkeypatch.setattr(on_behalf_of, "FAILURE_CAPACITY", 16)
     monkeypatch.setattr(on_behalf_of, "FAILURE_TTL", 0.5)
-    settings = Settings(**obo_config(stack))  # type: ignore[arg-type]
+    settings = Settings(**config_for(stack, "on_behalf_of"))  # type: ignore[arg-type]
     authorizer = OnBehalfOfAuthorizer.from_settings(settings)
 
     async def refusal(token: str) -> BaseException:
@@ -207,7 +205,7 @@ async def test_failures_are_remembered_briefly_and_boundedly(stack: Stack, monke
 async def test_readiness_is_the_sidecars_own_credential_never_a_callers_token(
     stack: Stack, run_sidecar: StartSidecar
 ) -> None:
-    sidecar = await run_sidecar(merge(obo_config(stack), {"auth": {"client_secret": "not-the-secret"}}))
+    sidecar = await run_sidecar(config_for(stack, "on_behalf_of", auth={"client_secret": "not-the-secret"}))
     async with aiohttp.ClientSession() as http:
         # bad callers, with a broken sidecar credential: their tokens never reach the identity provider
         for token, _ in Forger(stack).flood(per_kind=2):
@@ -228,7 +226,7 @@ async def test_readiness_comes_back_without_traffic_once_the_credential_works(
     own credential in the background, backing off (one identity-provider call per attempt)."""
     monkeypatch.setattr(on_behalf_of, "RECOVERY_FIRST_DELAY", 0.3)
     stack.entra.set_client_secret(stack.client_id, "rotated-secret")  # the configured one is stale for now
-    sidecar = await run_sidecar(obo_config(stack))
+    sidecar = await run_sidecar(config_for(stack, "on_behalf_of"))
     async with aiohttp.ClientSession() as http:
         status, _, _ = await post_chat(http, sidecar.url, user_token(stack, "alice@contoso.example"))
         assert status == 503
@@ -247,7 +245,7 @@ async def test_readiness_comes_back_without_traffic_once_the_credential_works(
 async def test_tokens_for_the_app_id_uri_and_api_uri_are_accepted(stack: Stack, run_sidecar: StartSidecar) -> None:
     app_id_uri = "https://contoso.example/chat-api"
     stack.entra.register_client(stack.client_id, secret=stack.client_secret, identifier_uris=[app_id_uri])
-    sidecar = await run_sidecar(merge(obo_config(stack), {"auth": {"app_id_uri": app_id_uri}}))
+    sidecar = await run_sidecar(config_for(stack, "on_behalf_of", auth={"app_id_uri": app_id_uri}))
     audiences = [f"api://{stack.client_id}", stack.client_id, app_id_uri]
     for n, audience in enumerate(audiences, start=1):
         oid = stack.entra.register_user(f"user{n}@contoso.example")
@@ -268,7 +266,7 @@ async def test_tokens_for_the_app_id_uri_and_api_uri_are_accepted(stack: Stack, 
 
 
 async def test_unknown_kids_refetch_the_keys_at_most_once_a_minute(stack: Stack, run_sidecar: StartSidecar) -> None:
-    sidecar = await run_sidecar(obo_config(stack))
+    sidecar = await run_sidecar(config_for(stack, "on_behalf_of"))
     await until(lambda: stack.entra.jwks_requests >= 1, what="the keys fetched at start")
     fetched = stack.entra.jwks_requests
     forger = Forger(stack)
@@ -290,7 +288,7 @@ async def test_unknown_kids_refetch_the_keys_at_most_once_a_minute(stack: Stack,
 
 async def test_the_refetch_interval_is_a_rate_not_a_ban(stack: Stack) -> None:
     """After the interval an unknown kid refetches the keys again (once), as a rotated key needs."""
-    settings = Settings(**obo_config(stack))  # type: ignore[arg-type]
+    settings = Settings(**config_for(stack, "on_behalf_of"))  # type: ignore[arg-type]
     validator = CallerTokenValidator(settings.auth, settings.tls, refetch_interval=1.0)
     forger = Forger(stack)
 
@@ -331,12 +329,12 @@ async def test_ca_bundle_wins_for_the_keys_and_unreachable_keys_are_the_sidecars
     oid = stack.entra.register_user("alice@contoso.example")
     token = user_token(stack, "alice@contoso.example")
 
-    pinned = await run_sidecar(obo_config(stack))  # tls.ca_bundle = the emulators' CA
+    pinned = await run_sidecar(config_for(stack, "on_behalf_of"))  # tls.ca_bundle = the emulators' CA
     async with sdk(pinned.url, azure_ad_token=token) as client:
         assert f"oid={oid}" in await chat(client)
     await pinned.aclose()
 
-    config = obo_config(stack)
+    config = config_for(stack, "on_behalf_of")
     del config["tls"]  # the environment's bundle only: the tenant's keys cannot be fetched
     unpinned = await run_sidecar(config)
     async with aiohttp.ClientSession() as http:
@@ -353,7 +351,7 @@ async def test_a_rejected_fresh_token_is_not_exchanged_again(stack: Stack, monke
     """The upstream's 401 triggers at most one re-exchange per held token; when the freshly exchanged token is
     rejected too, the answer is None (relay the upstream's 401), with no exchange for a while."""
     monkeypatch.setattr(on_behalf_of, "REJECTION_BACKOFF", 1.0)
-    settings = Settings(**obo_config(stack))  # type: ignore[arg-type]
+    settings = Settings(**config_for(stack, "on_behalf_of"))  # type: ignore[arg-type]
     authorizer = OnBehalfOfAuthorizer.from_settings(settings)
     await authorizer.start()
     try:

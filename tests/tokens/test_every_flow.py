@@ -9,20 +9,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from harness import JWT, StartSidecar, merge
-from rigs import (
-    FLOWS,
-    Rigs,
-    chat,
-    claims_printed,
-    clean_environ,
-    rigs_on,
-    run,
-    unclosed_resources,
-    until,
-    use_env,
-    write_config,
-)
+from harness import JWT, StartSidecar, chat, claims_printed, merge, run_cli, until, use_env, write_config
+from rigs import FLOWS, Rigs, rigs_on, unclosed_resources
 
 from sidecar.app import AUTHORIZER, STATE
 from sidecar_emulators import Stack
@@ -116,7 +104,7 @@ async def test_check_prints_the_claims_for_every_flow(stack: Stack, rigs: Rigs, 
 
     async def check(flow: str, config: dict, env: dict[str, str]) -> tuple[int, str, str]:
         path = write_config(tmp_path / "check" / f"{flow}.yaml", config)
-        return await run("check", "--config", path, env=clean_environ(env))
+        return await run_cli("check", "--config", path, env=env)
 
     results = await asyncio.gather(*(check(rig.flow, rig.config, rig.env) for rig in built))
     for rig, (code, out, err) in zip(built, results, strict=True):

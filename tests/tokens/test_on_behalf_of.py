@@ -8,8 +8,7 @@ from typing import Any
 
 import openai
 import pytest
-from harness import StartSidecar
-from rigs import chat, obo_config, sdk, until
+from harness import StartSidecar, chat, config_for, sdk, until
 
 from sidecar.claims import unverified_claims
 from sidecar.server import RunningSidecar
@@ -30,7 +29,7 @@ def exchanges(stack: Stack) -> int:
 
 @pytest.fixture
 async def sidecar(stack: Stack, run_sidecar: StartSidecar) -> RunningSidecar:
-    return await run_sidecar(obo_config(stack))
+    return await run_sidecar(config_for(stack, "on_behalf_of"))
 
 
 async def test_each_user_reaches_the_upstream_as_themselves_with_one_exchange_each(
