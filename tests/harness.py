@@ -33,6 +33,8 @@ FAST_RETRY = RetryPolicy(first_delay=0.1, max_delay=0.5)
 JWT = re.compile(r"eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]*")
 API_VERSION = "2024-06-01"
 CHAT = f"/openai/deployments/gpt-4o-mini/chat/completions?api-version={API_VERSION}"
+BODY = b'{"messages": [{"role": "user", "content": "hi"}]}'
+STREAM_BODY = b'{"stream": true, "messages": [{"role": "user", "content": "hi"}]}'
 
 # Variables through which azure-identity (and msal) find a credential: none may leak in from the machine.
 IDENTITY_ENV = (
@@ -286,4 +288,21 @@ async def chat(client: AsyncAzureOpenAI) -> str:
 
 async def get_json(url: str) -> tuple[int, dict[str, Any]]:
     async with aiohttp.ClientSession() as http, http.get(url) as response:
+        return response.status, await response.json()
+
+
+async def post_chat(
+    http: aiohttp.ClientSession, url: str, *, token: str | None = None
+) -> tuple[int, dict[str, str], Any]:
+    """One chat completion POSTed to the sidecar at `url` (as the caller `token`, if given): the status, the
+    headers and the JSON body."""
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    async with http.post(url + CHAT, data=BODY, headers=headers) as response:
+        return response.status, dict(response.headers), await response.json(content_type=None)
+
+
+async def readyz(http: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, Any]]:
+    async with http.get(url + "/readyz") as response:
         return response.status, await response.json()

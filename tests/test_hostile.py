@@ -15,14 +15,11 @@ import random
 from collections.abc import Callable
 
 import pytest
-from harness import JWT, StartSidecar, config_for, wait_ready
+from harness import BODY, CHAT, JWT, StartSidecar, config_for, wait_ready
 
 from sidecar.server import RunningSidecar
 from sidecar.upstream import OffOrigin, Pool
 from sidecar_emulators import Scripted, Stack
-
-CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-06-01"
-BODY = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
 
 
 async def exchange(url: str, raw: bytes, *, timeout: float = 10.0) -> bytes:

@@ -9,14 +9,13 @@ import time
 
 import openai
 import pytest
-from harness import StartSidecar, config_for
+from harness import API_VERSION, StartSidecar, config_for
 from openai import AsyncAzureOpenAI, AzureOpenAI
 
 from sidecar.claims import unverified_claims
 from sidecar.server import RunningSidecar
 from sidecar_emulators import Scripted, Stack
 
-API_VERSION = "2024-06-01"
 AUDIO = bytes(range(256)) * 4096 + b"\x00tail\xff"  # 1 MiB + a few bytes, every byte value
 
 

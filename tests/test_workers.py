@@ -12,18 +12,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from harness import _WATCH, config_for, start_serve, write_config
+from harness import _WATCH, BODY, CHAT, STREAM_BODY, config_for, start_serve, write_config
 
 from sidecar.claims import unverified_claims
 from sidecar.config import ConfigError, Settings, load_config
-from sidecar.token_channel import ChannelAuthorizer, TokenBroker
-from sidecar.tokens.base import AccessToken, IdentityError
-from sidecar.tokens.manager import RetryPolicy, TokenManager
 from sidecar_emulators import Stack
-
-CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-06-01"
-BODY = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
-STREAM_BODY = json.dumps({"stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
 
 
 async def start_workers(stack: Stack, tmp_path: Path, workers: int = 2, **overrides: object):
@@ -187,89 +180,6 @@ async def test_workers_rotate_tokens_with_one_call_per_token(stack: Stack, tmp_p
     assert len(tokens) >= 3
     assert stack.entra.token_requests == len(tokens)  # one identity-provider call per token, for both workers
     assert all(unverified_claims(t.split()[1])["aud"] == stack.audience for t in tokens)
-
-
-class CountingProvider:
-    flow = "client_credentials"
-
-    def __init__(self, lifetime: float = 3600) -> None:
-        self.calls = 0
-        self.lifetime = lifetime
-        self.fail: IdentityError | None = None
-
-    async def fetch(self) -> AccessToken:
-        self.calls += 1
-        await asyncio.sleep(0.05)
-        if self.fail is not None:
-            raise self.fail
-        return AccessToken(f"token-{self.calls}", time.time() + self.lifetime)
-
-    async def aclose(self) -> None:
-        pass
-
-
-async def test_channel_single_flight_push_and_rejection() -> None:
-    provider = CountingProvider()
-    manager = TokenManager(provider, retry=RetryPolicy(min_interval=0.0, rejection_pause=0.2))
-    pairs = [socket.socketpair() for _ in range(2)]
-    broker = TokenBroker(manager, [parent for parent, _ in pairs])
-    workers = [ChannelAuthorizer(child, "client_credentials") for _, child in pairs]
-    await broker.start()
-    for worker in workers:
-        await worker.start()
-    try:
-        # cold: both workers ask at once, the identity provider sees one call
-        first = await asyncio.gather(*(w.token_for({}) for w in workers for _ in range(5)))
-        assert set(first) == {"token-1"} and provider.calls == 1
-        assert all(w.is_ready() for w in workers)
-        # the upstream rejected token-1 in both workers: one refresh, and both get token-2
-        second = await asyncio.gather(*(w.token_after_rejection({}, "token-1") for w in workers))
-        assert second == ["token-2", "token-2"] and provider.calls == 2
-        # token-2, fetched because token-1 was rejected, is rejected too: no new token now, and no call
-        third = await asyncio.gather(*(w.token_after_rejection({}, "token-2") for w in workers))
-        assert third == [None, None] and provider.calls == 2
-        # a new token is pushed to every worker without being asked for
-        await asyncio.sleep(0.3)  # past the manager's rejection pause
-        await manager.token_after_rejection(None, "token-2")
-        await asyncio.sleep(0.05)
-        assert [await w.token_for({}) for w in workers] == ["token-3", "token-3"]
-        assert provider.calls == 3
-    finally:
-        for worker in workers:
-            await worker.aclose()
-        await broker.aclose()
-        await manager.aclose()
-
-
-async def test_channel_errors_expiry_and_a_lost_parent() -> None:
-    provider = CountingProvider(lifetime=1.5)  # valid for 0.5 s past the manager's expiry skew
-    provider.fail = IdentityError("invalid_client: bad secret", code="AADSTS7000215", retryable=False)
-    manager = TokenManager(provider, retry=RetryPolicy(first_delay=0.01, max_delay=0.01))
-    parent, child = socket.socketpair()
-    broker = TokenBroker(manager, [parent])
-    lost = asyncio.Event()
-    worker = ChannelAuthorizer(child, "client_credentials", on_lost=lost.set)
-    await broker.start()
-    await worker.start()
-    try:
-        with pytest.raises(IdentityError) as caught:
-            await worker.token_for({})
-        assert caught.value.code == "AADSTS7000215" and not caught.value.retryable
-        assert worker.last_error is not None and not worker.is_ready()
-        provider.fail = None
-        await asyncio.sleep(0.05)  # past the (short) back-off the failure started
-        token = await worker.token_for({})
-        assert worker.is_ready()
-        await asyncio.sleep(0.6)  # now within the expiry skew: never injected, a new one is asked for
-        assert not worker.is_ready()
-        assert await worker.token_for({}) != token
-    finally:
-        await broker.aclose()
-        await manager.aclose()
-    await asyncio.wait_for(lost.wait(), 2)  # the parent's end closed: the worker is told to stop
-    with pytest.raises(IdentityError):
-        await asyncio.wait_for(worker._wait("get", {"op": "get"}), 2)
-    await worker.aclose()
 
 
 def test_workers_config(tmp_path: Path) -> None:

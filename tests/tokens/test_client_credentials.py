@@ -1,4 +1,6 @@
-"""Token behaviour seen from outside: through the real msal against the Entra ID emulator."""
+"""client_credentials (sidecar/tokens/client_credentials.py) through the real msal against the Entra ID emulator:
+a wrong secret, a secret file rotated under a running sidecar, a certificate credential and its rotation, and
+errors that never carry the secret."""
 
 from __future__ import annotations
 
@@ -8,58 +10,10 @@ from pathlib import Path
 
 import aiohttp
 import jwt
-from harness import StartSidecar, config_for, wait_ready
+from harness import _WATCH, BODY, CHAT, StartSidecar, config_for, post_chat, readyz, wait_ready
 
 from sidecar.tokens.base import IdentityError
-from sidecar_emulators import Stack
-
-CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-06-01"
-BODY = b'{"messages": [{"role": "user", "content": "hi"}]}'
-
-
-async def status_of(http: aiohttp.ClientSession, url: str) -> tuple[int, dict]:
-    async with http.post(url + CHAT, data=BODY, headers={"Content-Type": "application/json"}) as response:
-        return response.status, await response.json()
-
-
-async def readyz(http: aiohttp.ClientSession, url: str) -> int:
-    async with http.get(url + "/readyz") as response:
-        return response.status
-
-
-async def test_identity_provider_outage_then_recovery(stack: Stack, run_sidecar: StartSidecar) -> None:
-    stack.entra.token_lifetime = 4
-    running = await run_sidecar(config_for(stack, auth={"refresh_margin": 3}))
-    await wait_ready(running)
-    stack.entra.fail_mode = "500"  # from now on every token request fails
-    async with aiohttp.ClientSession() as http:
-        # calls keep succeeding on the current token until it expires ...
-        started = time.monotonic()
-        while time.monotonic() - started < 2.0:
-            status, _ = await status_of(http, running.url)
-            assert status == 200
-            await asyncio.sleep(0.1)
-        # ... then the sidecar answers 503 and is not ready, without ever sending an expired token
-        deadline = time.monotonic() + 5
-        while (status := (await status_of(http, running.url))[0]) == 200 and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        status, body = await status_of(http, running.url)
-        assert status == 503
-        assert body["error"]["code"]
-        assert "sidecar could not get a token" in body["error"]["message"]
-        assert await readyz(http, running.url) == 503
-        failed_attempts = stack.entra.token_requests
-        # the identity provider comes back: everything recovers by itself
-        stack.entra.fail_mode = None
-        deadline = time.monotonic() + 10
-        while await readyz(http, running.url) != 200:
-            assert time.monotonic() < deadline, "did not recover"
-            await asyncio.sleep(0.1)
-        status, _ = await status_of(http, running.url)
-        assert status == 200
-    # it retried during the outage, with backoff (msal also holds back 5xx retries), never once per request
-    assert 2 <= failed_attempts < 15
-    assert all(r.claims is not None for r in stack.upstream.requests)  # never an expired/invalid token
+from sidecar_emulators import Scripted, Stack
 
 
 async def test_wrong_secret_gives_503_with_the_aadsts_code_and_no_retry(
@@ -78,7 +32,7 @@ async def test_wrong_secret_gives_503_with_the_aadsts_code_and_no_retry(
         assert response.headers["x-should-retry"] == "false"
         assert body["error"]["code"] == "AADSTS7000215"
         assert "wrong-secret-value" not in str(body)
-        assert await readyz(http, running.url) == 503
+        assert (await readyz(http, running.url))[0] == 503
     assert stack.upstream.requests == []
 
 
@@ -114,7 +68,7 @@ async def test_certificate_credential_and_a_rotated_certificate_file(
     del config["auth"]["client_secret"]
     running = await run_sidecar(config)
     async with aiohttp.ClientSession() as http:
-        status, _ = await status_of(http, running.url)
+        status, _, _ = await post_chat(http, running.url)
         assert status == 200
         assert stack.upstream.requests[-1].claims["appid"] == "cert-app"
         # msal signed a client assertion with the certificate (no secret anywhere)
@@ -132,9 +86,9 @@ async def test_certificate_credential_and_a_rotated_certificate_file(
         while stack.upstream.requests[-1].headers["Authorization"] == first_token:
             assert time.monotonic() < deadline, "the renewal with the rotated certificate did not happen"
             await asyncio.sleep(0.1)
-            status, _ = await status_of(http, running.url)
+            status, _, _ = await post_chat(http, running.url)
             assert status == 200
-        assert await readyz(http, running.url) == 200
+        assert (await readyz(http, running.url))[0] == 200
         assert stack.upstream.requests[-1].claims["appid"] == "cert-app"
 
 
@@ -149,11 +103,34 @@ async def test_unregistered_certificate_gives_503_with_the_aadsts_code_and_hint(
     running = await run_sidecar(config)
     async with aiohttp.ClientSession() as http:
         deadline = time.monotonic() + 5
-        while (result := await status_of(http, running.url))[0] != 503 or "AADSTS" not in str(result[1]):
+        while (result := await post_chat(http, running.url))[0] != 503 or "AADSTS" not in str(result[2]):
             assert time.monotonic() < deadline, result
             await asyncio.sleep(0.05)
-    body = result[1]
+    body = result[2]
     assert body["error"]["code"] == "AADSTS700027"
     assert "Certificates & secrets" in body["error"]["message"]
     assert "PRIVATE KEY" not in str(body)
     assert stack.upstream.requests == []
+
+
+async def test_rotated_secret_file_is_used_without_restart(
+    stack: Stack, run_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    secret_file = tmp_path / "client-secret"
+    secret_file.write_text(stack.client_secret + "\n")
+    config = config_for(stack)
+    del config["auth"]["client_secret"]
+    config["auth"]["client_secret_file"] = str(secret_file)
+    running = await run_sidecar(config)
+    await wait_ready(running)
+    assert stack.entra.last_token_request_form["client_secret"] == stack.client_secret
+
+    rotated = "rotated-secret-value-2"
+    _WATCH.secrets.add(rotated)
+    stack.entra.set_client_secret(stack.client_id, rotated)
+    secret_file.write_text(rotated + "\n")
+    stack.upstream.script(Scripted.unauthorized())
+    async with aiohttp.ClientSession() as http, http.get(running.url + "/openai/models?api-version=1") as response:
+        assert response.status == 200  # the 401 made the sidecar fetch a new token: with the new secret
+    assert stack.entra.last_token_request_form["client_secret"] == rotated
+    assert stack.entra.token_requests == 2

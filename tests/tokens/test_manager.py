@@ -1,7 +1,11 @@
-"""The manager's own policy (caching, single-flight, backoff, recovery), with a scripted provider.
+"""The token manager's policy (sidecar/tokens/manager.py): caching, single-flight, refresh before expiry, backoff,
+recovery, and the identity provider's protection.
 
-The flows themselves are tested through the real msal/azure-identity against the emulators elsewhere; here
-the provider is ours on purpose, so failures and timings are exact."""
+Most tests drive the manager with a scripted provider of ours, so failures and timings are exact; the last ones
+watch the same policy from outside: callers keep calling through the real sidecar, msal asks the Entra ID
+emulator, and the emulator counts every token request. Entra throttles the whole application when one client
+floods it, so those drive a fault that used to turn caller traffic into token requests and check that the
+count stays small (and that the callers hear why)."""
 
 from __future__ import annotations
 
@@ -10,12 +14,17 @@ import calendar
 import logging
 import re
 import time
+from collections import Counter
 
+import aiohttp
 import pytest
+from harness import BODY, CHAT, StartSidecar, config_for, post_chat, readyz, wait_ready
 
 from sidecar.tokens.base import AccessToken, IdentityError
 from sidecar.tokens.manager import RetryPolicy, TokenManager, refresh_at
+from sidecar_emulators import Stack
 
+CALLERS = 10
 FAST_RETRY = RetryPolicy(first_delay=0.05, max_delay=0.2, min_interval=0.0)
 
 
@@ -222,3 +231,94 @@ def test_refresh_schedule() -> None:
     assert refresh_at(hinted, 300, now) <= now + 1800
     short = AccessToken("t", now + 8)
     assert now + 2.6 <= refresh_at(short, 5, now) <= now + 4.0  # 8 s life, 5 s margin: at ~3 s
+
+
+async def test_identity_provider_outage_then_recovery(stack: Stack, run_sidecar: StartSidecar) -> None:
+    stack.entra.token_lifetime = 4
+    running = await run_sidecar(config_for(stack, auth={"refresh_margin": 3}))
+    await wait_ready(running)
+    stack.entra.fail_mode = "500"  # from now on every token request fails
+    async with aiohttp.ClientSession() as http:
+        # calls keep succeeding on the current token until it expires ...
+        started = time.monotonic()
+        while time.monotonic() - started < 2.0:
+            status, _, _ = await post_chat(http, running.url)
+            assert status == 200
+            await asyncio.sleep(0.1)
+        # ... then the sidecar answers 503 and is not ready, without ever sending an expired token
+        deadline = time.monotonic() + 5
+        while (status := (await post_chat(http, running.url))[0]) == 200 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        status, _, body = await post_chat(http, running.url)
+        assert status == 503
+        assert body["error"]["code"]
+        assert "sidecar could not get a token" in body["error"]["message"]
+        assert (await readyz(http, running.url))[0] == 503
+        failed_attempts = stack.entra.token_requests
+        # the identity provider comes back: everything recovers by itself
+        stack.entra.fail_mode = None
+        deadline = time.monotonic() + 10
+        while (await readyz(http, running.url))[0] != 200:
+            assert time.monotonic() < deadline, "did not recover"
+            await asyncio.sleep(0.1)
+        status, _, _ = await post_chat(http, running.url)
+        assert status == 200
+    # it retried during the outage, with backoff (msal also holds back 5xx retries), never once per request
+    assert 2 <= failed_attempts < 15
+    assert all(r.claims is not None for r in stack.upstream.requests)  # never an expired/invalid token
+
+
+async def call_for(url: str, seconds: float) -> tuple[Counter[int], list[dict]]:
+    """CALLERS concurrent callers posting back to back for `seconds`: their statuses, a few error bodies."""
+    statuses: Counter[int] = Counter()
+    bodies: list[dict] = []
+    deadline = time.monotonic() + seconds
+
+    async def caller(http: aiohttp.ClientSession) -> None:
+        while time.monotonic() < deadline:
+            headers = {"Content-Type": "application/json"}
+            async with http.post(url + CHAT, data=BODY, headers=headers) as response:
+                statuses[response.status] += 1
+                if response.status != 200 and len(bodies) < 20:
+                    bodies.append(await response.json(content_type=None))
+
+    async with aiohttp.ClientSession() as http:
+        await asyncio.gather(*(caller(http) for _ in range(CALLERS)))
+    return statuses, bodies
+
+
+async def test_an_upstream_that_rejects_every_token_costs_a_few_token_requests(
+    stack: Stack, run_sidecar: StartSidecar, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Needs proxy.py to answer the caller with the upstream's 401 when token_after_rejection says None."""
+    # The sidecar asks for another API's token: Entra issues it, the upstream refuses its audience.
+    other_api = "api://some-other-api"
+    stack.entra.register_resource(other_api)
+    running = await run_sidecar(config_for(stack, auth={"scope": f"{other_api}/.default"}))
+    await wait_ready(running)
+    statuses, bodies = await call_for(running.url, 6.0)
+    assert sum(statuses.values()) > 50  # the callers were busy the whole time
+    # every caller hears the upstream's refusal and why; none is told the sidecar failed (5xx)
+    assert set(statuses) == {401}, statuses
+    assert all("auth.scope" in body["error"]["message"] for body in bodies)
+    # the first token, one refresh for its rejection, then no more while the upstream refuses fresh tokens
+    assert stack.entra.token_requests <= 4
+    assert all(r.claims is None for r in stack.upstream.requests)  # the upstream never accepted one
+    # the operator is told once, with the audience and what to check
+    [warning] = [r.getMessage() for r in caplog.records if "rejects tokens fresh" in r.getMessage()]
+    assert other_api in warning and "auth.scope" in warning and "app role" in warning
+
+
+async def test_tokens_that_arrive_expired_cost_a_few_token_requests(stack: Stack, run_sidecar: StartSidecar) -> None:
+    # expires_in 0: what a host clock far ahead of the identity provider's, or a response without a
+    # lifetime, looks like to the sidecar
+    stack.entra.token_lifetime = 0
+    running = await run_sidecar(config_for(stack))
+    statuses, bodies = await call_for(running.url, 4.0)
+    assert sum(statuses.values()) > 50
+    assert set(statuses) == {503}, statuses
+    message = bodies[-1]["error"]["message"]
+    assert "check the host clock" in message
+    assert "UTC" in message
+    assert stack.entra.token_requests <= 8
+    assert stack.upstream.requests == []  # an expired token is never sent

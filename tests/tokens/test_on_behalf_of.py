@@ -1,17 +1,25 @@
-"""on_behalf_of: each caller's own token is exchanged for one for the upstream that keeps the caller's identity."""
+"""on_behalf_of (sidecar/tokens/on_behalf_of.py): each caller's own token is exchanged for one for the upstream that
+keeps the caller's identity; exchanges are cached per caller, refusals remembered briefly, a rejected fresh token
+not exchanged again, and readiness is the sidecar's own credential."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
-from harness import StartSidecar, chat, config_for, sdk, until
+from harness import StartSidecar, chat, config_for, post_chat, readyz, sdk, until
 
 from sidecar.claims import unverified_claims
+from sidecar.config import Settings
 from sidecar.server import RunningSidecar
+from sidecar.tokens import on_behalf_of
+from sidecar.tokens.base import IdentityError
+from sidecar.tokens.on_behalf_of import OnBehalfOfAuthorizer
 from sidecar_emulators import Stack
 from sidecar_emulators.entra import GRANT_JWT_BEARER
 
@@ -94,3 +102,113 @@ async def test_no_user_token_gets_401_json(stack: Stack, sidecar: RunningSidecar
     assert "Authorization: Bearer" in error.body["message"]
     assert exchanges(stack) == 0
     assert not stack.upstream.requests
+
+
+async def test_an_identity_provider_refusal_is_the_callers_and_takes_no_cache_slot(
+    stack: Stack, run_sidecar: StartSidecar
+) -> None:
+    """A token that passes the sidecar's checks but that the identity provider refuses (an app-only token:
+    on-behalf-of needs a user) is that caller's 401: it neither evicts a user nor makes the pod unready."""
+    sidecar = await run_sidecar(config_for(stack, "on_behalf_of", auth={"obo_cache_size": 1}))
+    oid = stack.entra.register_user("alice@contoso.example")
+    alice = sdk(sidecar.url, azure_ad_token=caller_token(stack, "alice@contoso.example", lifetime=3600))
+    assert f"oid={oid}" in await chat(alice)
+    app_token, _ = stack.entra.mint_app_token(client_id="a-daemon", oid=str(uuid.uuid4()), audience=stack.client_id)
+    async with aiohttp.ClientSession() as http:
+        answers = await asyncio.gather(*(post_chat(http, sidecar.url, token=app_token) for _ in range(20)))
+        answers += [await post_chat(http, sidecar.url, token=app_token) for _ in range(10)]
+        for status, headers, body in answers:
+            assert status == 401
+            assert body["error"]["code"] == "AADSTS70000" and "not a delegated" in body["error"]["message"]
+            assert headers["x-should-retry"] == "false"
+        assert exchanges(stack) == 2  # alice's, and one for the 30 requests with the refused token
+        assert (await readyz(http, sidecar.url))[0] == 200
+    assert f"oid={oid}" in await chat(alice)  # still cached, though the cache holds one user
+    assert exchanges(stack) == 2
+    await alice.close()
+
+
+async def test_failures_are_remembered_briefly_and_boundedly(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(The authorizer's own memory, seen from its object: msal throttles repeated refusals at the identity
+    provider too, so the emulator's counters cannot show it.)"""
+    monkeypatch.setattr(on_behalf_of, "FAILURE_CAPACITY", 16)
+    monkeypatch.setattr(on_behalf_of, "FAILURE_TTL", 0.5)
+    settings = Settings(**config_for(stack, "on_behalf_of"))  # type: ignore[arg-type]
+    authorizer = OnBehalfOfAuthorizer.from_settings(settings)
+
+    async def refusal(token: str) -> BaseException:
+        with pytest.raises(IdentityError) as caught:
+            await authorizer.token_for({"Authorization": f"Bearer {token}"})
+        assert caught.value.status == 401
+        return caught.value
+
+    try:
+        first = await refusal("junk-0")
+        assert await refusal("junk-0") is first  # the same answer, not worked out again
+        for i in range(1, 100):
+            await refusal(f"junk-{i}")
+        assert len(authorizer._failures) <= 16
+        remembered_at = time.monotonic()
+        latest = await refusal("junk-99")
+        assert await refusal("junk-0") is not first  # forgotten: beyond capacity
+        await until(lambda: time.monotonic() - remembered_at > 0.5, what="the memory to lapse")
+        assert await refusal("junk-99") is not latest
+    finally:
+        await authorizer.aclose()
+
+
+async def test_readiness_comes_back_without_traffic_once_the_credential_works(
+    stack: Stack, run_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unready pod gets no traffic, so no caller's exchange can make it ready again: the sidecar proves its
+    own credential in the background, backing off (one identity-provider call per attempt)."""
+    monkeypatch.setattr(on_behalf_of, "RECOVERY_FIRST_DELAY", 0.3)
+    stack.entra.set_client_secret(stack.client_id, "rotated-secret")  # the configured one is stale for now
+    sidecar = await run_sidecar(config_for(stack, "on_behalf_of"))
+    async with aiohttp.ClientSession() as http:
+        status, _, _ = await post_chat(http, sidecar.url, token=caller_token(stack, "alice@contoso.example"))
+        assert status == 503
+        assert (await readyz(http, sidecar.url))[0] == 503
+        await asyncio.sleep(1.0)  # a few probes fail meanwhile, each backing off further
+        failing_probes = stack.entra.requests_by_grant["client_credentials"]
+        assert 1 <= failing_probes <= 3
+        stack.entra.set_client_secret(stack.client_id, stack.client_secret)  # the operator fixes the secret
+        await until(lambda: stack.entra.requests_by_grant["client_credentials"] > failing_probes, what="a probe")
+        deadline = asyncio.get_running_loop().time() + 10
+        while (await readyz(http, sidecar.url))[0] != 200:
+            assert asyncio.get_running_loop().time() < deadline, "readiness never came back"
+            await asyncio.sleep(0.1)
+
+
+async def test_a_rejected_fresh_token_is_not_exchanged_again(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The upstream's 401 triggers at most one re-exchange per held token; when the freshly exchanged token is
+    rejected too, the answer is None (relay the upstream's 401), with no exchange for a while."""
+    monkeypatch.setattr(on_behalf_of, "REJECTION_BACKOFF", 1.0)
+    settings = Settings(**config_for(stack, "on_behalf_of"))  # type: ignore[arg-type]
+    authorizer = OnBehalfOfAuthorizer.from_settings(settings)
+    await authorizer.start()
+    try:
+        headers = {"Authorization": f"Bearer {caller_token(stack, 'alice@contoso.example', lifetime=3600)}"}
+        first = await authorizer.token_for(headers)
+        assert exchanges(stack) == 1
+        # ten requests rejected at once: one re-exchange
+        fresh = await asyncio.gather(*(authorizer.token_after_rejection(headers, first) for _ in range(10)))
+        assert len(set(fresh)) == 1 and fresh[0] != first
+        assert exchanges(stack) == 2
+        assert await authorizer.token_after_rejection(headers, first) == fresh[0]  # a late one: already replaced
+        # the fresh token rejected too: no new token, no exchange, and the caller is still served the fresh one
+        rejected_at = time.monotonic()
+        assert await authorizer.token_after_rejection(headers, fresh[0]) is None
+        assert await authorizer.token_after_rejection(headers, fresh[0]) is None
+        assert await authorizer.token_for(headers) == fresh[0]
+        assert exchanges(stack) == 2
+        assert authorizer.is_ready()
+        # after the backoff, one more re-exchange
+        await until(lambda: time.monotonic() - rejected_at > 1.0, what="the backoff to pass")
+        again = await authorizer.token_after_rejection(headers, fresh[0])
+        assert again is not None and again != fresh[0]
+        assert exchanges(stack) == 3
+        assert await authorizer.token_after_rejection(headers, again) is None
+        assert exchanges(stack) == 3
+    finally:
+        await authorizer.aclose()
