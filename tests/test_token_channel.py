@@ -8,6 +8,7 @@ import socket
 import time
 
 import pytest
+from harness import until
 
 from sidecar.token_channel import ChannelAuthorizer, TokenBroker
 from sidecar.tokens.base import AccessToken, IdentityError
@@ -21,10 +22,13 @@ class CountingProvider:
         self.calls = 0
         self.lifetime = lifetime
         self.fail: IdentityError | None = None
+        self.answering = asyncio.Event()  # cleared: fetches wait, as at a slow identity provider
+        self.answering.set()
 
     async def fetch(self) -> AccessToken:
         self.calls += 1
         await asyncio.sleep(0.05)
+        await self.answering.wait()
         if self.fail is not None:
             raise self.fail
         return AccessToken(f"token-{self.calls}", time.time() + self.lifetime)
@@ -55,9 +59,12 @@ async def test_channel_single_flight_push_and_rejection() -> None:
         assert third == [None, None] and provider.calls == 2
         # a new token is pushed to every worker without being asked for
         await asyncio.sleep(0.3)  # past the manager's rejection pause
-        await manager.token_after_rejection(None, "token-2")
-        await asyncio.sleep(0.05)
-        assert [await w.token_for({}) for w in workers] == ["token-3", "token-3"]
+        assert await manager.token_after_rejection(None, "token-2") == "token-3"
+
+        async def pushed() -> bool:  # token_for answers from the worker's own copy while it is valid
+            return [await w.token_for({}) for w in workers] == ["token-3", "token-3"]
+
+        await until(pushed, what="token-3 in both workers")
         assert provider.calls == 3
     finally:
         for worker in workers:
@@ -85,13 +92,15 @@ async def test_channel_errors_expiry_and_a_lost_parent() -> None:
         await asyncio.sleep(0.05)  # past the (short) back-off the failure started
         token = await worker.token_for({})
         assert worker.is_ready()
-        await asyncio.sleep(0.6)  # now within the expiry skew: never injected, a new one is asked for
-        assert not worker.is_ready()
-        assert await worker.token_for({}) != token
+        # the parent's renewal waits at the identity provider: the worker's copy reaches the expiry skew
+        provider.answering.clear()
+        await until(lambda: not worker.is_ready(), what="the token within the expiry skew")
+        provider.answering.set()
+        assert await worker.token_for({}) != token  # never injected: a new one is asked for
     finally:
         await broker.aclose()
         await manager.aclose()
-    await asyncio.wait_for(lost.wait(), 2)  # the parent's end closed: the worker is told to stop
+    await asyncio.wait_for(lost.wait(), 10)  # the parent's end closed: the worker is told to stop
     with pytest.raises(IdentityError):
-        await asyncio.wait_for(worker._wait("get", {"op": "get"}), 2)
+        await asyncio.wait_for(worker._wait("get", {"op": "get"}), 10)
     await worker.aclose()
