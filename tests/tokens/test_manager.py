@@ -18,7 +18,7 @@ from collections import Counter
 
 import aiohttp
 import pytest
-from harness import BODY, CHAT, StartSidecar, config_for, post_chat, readyz, wait_ready
+from harness import BODY, CHAT, StartSidecar, config_for, post_chat, readyz, until, wait_ready
 
 from sidecar.tokens.base import AccessToken, IdentityError
 from sidecar.tokens.manager import RetryPolicy, TokenManager, refresh_at
@@ -64,28 +64,33 @@ async def test_single_flight_on_cold_start() -> None:
 
 
 async def test_refreshes_before_expiry_and_keeps_serving_when_provider_fails() -> None:
-    provider = ScriptedProvider(lifetime=4.0)
+    provider = ScriptedProvider(lifetime=3.0)
     manager = TokenManager(provider, refresh_margin=3, retry=FAST_RETRY)
     await manager.start()
     first = await manager.token_for({})
-    await asyncio.sleep(2.3)  # refresh is due at half-life (margin > half the lifetime)
+    held = manager.current
+    assert held is not None
+    # the second token lives 5 s: renewed at half-life, usable until 1 s before its expiry, so the failing
+    # renewals below leave 1.5 s in which requests must still get it
+    provider.lifetime = 5.0
+    # renewed at half-life (the margin is more than half the lifetime), with nobody asking
+    await until(lambda: manager.current is not held, what="the renewal")
+    assert held.expires_on > time.time()  # before the first token expired
     second = await manager.token_for({})
     assert second != first
     provider.failing = True
     calls_before = provider.calls
     # the current token stays valid for a while: requests keep getting it while the loop retries
     assert await manager.token_for({}) == second
-    await asyncio.sleep(2.0)
-    assert provider.calls > calls_before  # the loop retries with backoff
+    await until(lambda: provider.calls > calls_before, what="the loop's retry")  # with backoff
     assert await manager.token_for({}) == second
-    await asyncio.sleep(1.0)  # now past expiry: no expired token is ever handed out
+    # past the expiry skew: no expired token is ever handed out
+    await until(lambda: not manager.is_ready(), what="the token to expire")
     with pytest.raises(IdentityError) as caught:
         await manager.token_for({})
     assert caught.value.code == "AADSTS90033"
-    assert not manager.is_ready()
     provider.failing = False
-    await asyncio.sleep(0.5)  # the retry loop recovers by itself
-    assert manager.is_ready()
+    await until(manager.is_ready, what="the retry loop to recover by itself")
     assert (await manager.token_for({})).startswith("token-")
     await manager.aclose()
 
@@ -95,7 +100,7 @@ async def test_requests_do_not_hammer_a_failing_provider() -> None:
     provider.failing = True
     manager = TokenManager(provider, retry=RetryPolicy(first_delay=10, max_delay=10))
     await manager.start()
-    await asyncio.sleep(0.05)
+    await until(lambda: manager.last_error is not None, what="the first fetch to fail")
     for _ in range(50):
         with pytest.raises(IdentityError):
             await manager.token_for({})
@@ -138,48 +143,65 @@ async def test_a_rejected_replacement_pauses_rejection_refreshes(caplog: pytest.
     await manager.aclose()
 
 
-async def test_the_rejection_pause_doubles_up_to_its_cap() -> None:
+def pauses_logged(caplog: pytest.LogCaptureFixture) -> list[float]:
+    """The rejection pauses the manager announced, in seconds (the operator's warning says how long)."""
+    return [
+        float(re.search(r"for ([\d.]+) s", r.getMessage()).group(1))  # type: ignore[union-attr]
+        for r in caplog.records
+        if "rejects tokens fresh" in r.getMessage()
+    ]
+
+
+async def test_the_rejection_pause_doubles_up_to_its_cap(caplog: pytest.LogCaptureFixture) -> None:
     provider = ScriptedProvider(delay=0.0)
-    retry = RetryPolicy(first_delay=0.05, max_delay=0.2, min_interval=0.0, rejection_pause=0.2, max_rejection_pause=0.4)
+    retry = RetryPolicy(first_delay=0.05, max_delay=0.2, min_interval=0.0, rejection_pause=0.2, max_rejection_pause=0.8)
     manager = TokenManager(provider, retry=retry)
     await manager.start()
     token = await manager.token_for({})
-    deadline = time.monotonic() + 3.0
-    while time.monotonic() < deadline:  # an upstream that rejects every token, under steady traffic
+    caplog.set_level(logging.WARNING, logger="sidecar.tokens")
+    deadline = time.monotonic() + 60  # ~2.2 s when all is well
+    while len(pauses_logged(caplog)) < 5:  # an upstream that rejects every token, under steady traffic
+        assert time.monotonic() < deadline, pauses_logged(caplog)
         token = await manager.token_after_rejection({}, token) or token
         await asyncio.sleep(0.01)
     await manager.aclose()
-    # fetch 2 replaced the first token; each later one came after a pause: 0.2 s, then 0.4 s (the cap)
+    pauses = pauses_logged(caplog)
+    assert pauses == [0.2, 0.4, 0.8, 0.8, 0.8]  # doubling, then the cap held
+    # and each was kept: fetch 2 replaced the first token, every later one came after a pause
     gaps = [later - earlier for earlier, later in zip(provider.started[1:], provider.started[2:], strict=False)]
-    assert gaps[0] >= 0.2
-    assert all(gap >= 0.4 for gap in gaps[1:])
-    assert len(provider.started) >= 7  # the cap held: doubling on would have allowed 5 fetches in 3 s
+    assert len(gaps) == 4
+    assert all(gap >= pause - 0.01 for gap, pause in zip(gaps, pauses, strict=False)), (gaps, pauses)
 
 
-async def test_the_rejection_pause_starts_over_after_a_quiet_while() -> None:
+async def test_the_rejection_pause_starts_over_after_a_quiet_while(caplog: pytest.LogCaptureFixture) -> None:
     provider = ScriptedProvider(delay=0.0)
     retry = RetryPolicy(
-        first_delay=0.05, max_delay=0.2, min_interval=0.0, rejection_pause=0.25, max_rejection_pause=2.0
+        first_delay=0.05, max_delay=0.2, min_interval=0.0, rejection_pause=0.25, max_rejection_pause=1.0
     )
     manager = TokenManager(provider, retry=retry)
     await manager.start()
+    caplog.set_level(logging.WARNING, logger="sidecar.tokens")
+    replacement: list[str] = []
 
-    async def reject_until_replaced(token: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while (replacement := await manager.token_after_rejection({}, token)) is None:
-            assert time.monotonic() < deadline, f"no new token within {timeout} s"
-            await asyncio.sleep(0.01)
-        return replacement
+    async def reject_until_replaced(token: str) -> str:
+        async def replaced() -> bool:
+            new = await manager.token_after_rejection({}, token)
+            replacement[:] = [new] if new else []
+            return new is not None
 
-    token = await reject_until_replaced(await manager.token_for({}), 1)  # token-2
+        await until(replaced, what="a new token after the pause")
+        return replacement[0]
+
+    token = await reject_until_replaced(await manager.token_for({}))  # token-2
     assert await manager.token_after_rejection({}, token) is None  # pause 1: 0.25 s
-    token = await reject_until_replaced(token, 2)
+    token = await reject_until_replaced(token)
     assert await manager.token_after_rejection({}, token) is None  # pause 2: 0.5 s; a third would last 1 s
-    await asyncio.sleep(2.6)  # no rejection for longer than max_rejection_pause after it ended
-    token = await reject_until_replaced(token, 1)
-    assert await manager.token_after_rejection({}, token) is None  # a pause of 0.25 s again, not 1 s
-    await reject_until_replaced(token, 0.7)
+    await asyncio.sleep(0.5 + 1.1)  # no rejection for longer than max_rejection_pause after pause 2 ended
+    token = await reject_until_replaced(token)
+    assert await manager.token_after_rejection({}, token) is None  # a pause again ...
+    await reject_until_replaced(token)
     await manager.aclose()
+    assert pauses_logged(caplog) == [0.25, 0.5, 0.25]  # ... of 0.25 s, not 1 s
 
 
 async def test_fetches_start_at_least_min_interval_apart() -> None:
@@ -187,14 +209,15 @@ async def test_fetches_start_at_least_min_interval_apart() -> None:
     provider.failing = True
     manager = TokenManager(provider, retry=RetryPolicy(first_delay=0.01, max_delay=0.01, min_interval=0.3))
     await manager.start()
-    deadline = time.monotonic() + 1.5
-    while time.monotonic() < deadline:  # the refresh loop retries, requests ask too: nothing may go faster
+    deadline = time.monotonic() + 60  # ~1.2 s when all is well
+    while provider.calls < 5:  # the refresh loop retries, requests ask too: nothing may go faster
+        assert time.monotonic() < deadline, provider.calls
         with pytest.raises(IdentityError):
             await manager.token_for({})
         await asyncio.sleep(0.005)
     await manager.aclose()
     gaps = [later - earlier for earlier, later in zip(provider.started, provider.started[1:], strict=False)]
-    assert len(gaps) >= 3
+    assert len(gaps) >= 4
     assert min(gaps) >= 0.29
 
 
@@ -213,13 +236,17 @@ async def test_a_token_that_arrives_expired_is_refused_with_a_clock_hint(lifetim
     assert "token-" not in message
     assert manager.current is None and not manager.is_ready()
     # a failure: the refresh loop backs off, and requests meanwhile get the cached error
-    deadline = time.monotonic() + 1.5
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + 60  # ~0.7 s when all is well
+    while provider.calls < 5:
+        assert time.monotonic() < deadline, provider.calls
         with pytest.raises(IdentityError):
             await manager.token_for({})
         await asyncio.sleep(0.005)
     await manager.aclose()
-    assert 3 <= provider.calls <= 15  # 0.1 s, 0.2 s, then 0.4 s apart (by the loop or a request)
+    # fetches 0.1 s, 0.2 s, then 0.4 s apart (by the loop or a request), less at most 20 % of jitter
+    gaps = [later - earlier for earlier, later in zip(provider.started, provider.started[1:], strict=False)]
+    backoff = [0.8 * min(0.4, 0.1 * 2**failures) for failures in range(len(gaps))]
+    assert all(gap >= least - 0.005 for gap, least in zip(gaps, backoff, strict=True)), (gaps, backoff)
 
 
 def test_refresh_schedule() -> None:
@@ -230,25 +257,31 @@ def test_refresh_schedule() -> None:
     hinted = AccessToken("t", now + 3600, refresh_on=now + 1800)
     assert refresh_at(hinted, 300, now) <= now + 1800
     short = AccessToken("t", now + 8)
-    assert now + 2.6 <= refresh_at(short, 5, now) <= now + 4.0  # 8 s life, 5 s margin: at ~3 s
+    assert now + 3.6 <= refresh_at(short, 5, now) <= now + 4.0  # 8 s life, 5 s margin: at half-life, less jitter
 
 
 async def test_identity_provider_outage_then_recovery(stack: Stack, run_sidecar: StartSidecar) -> None:
-    stack.entra.token_lifetime = 4
-    running = await run_sidecar(config_for(stack, auth={"refresh_margin": 3}))
+    stack.entra.token_lifetime = 6  # renewed at half-life (3 s), usable until 5 s
+    running = await run_sidecar(config_for(stack, auth={"refresh_margin": 4}))
     await wait_ready(running)
     stack.entra.fail_mode = "500"  # from now on every token request fails
     async with aiohttp.ClientSession() as http:
-        # calls keep succeeding on the current token until it expires ...
-        started = time.monotonic()
-        while time.monotonic() - started < 2.0:
-            status, _, _ = await post_chat(http, running.url)
-            assert status == 200
-            await asyncio.sleep(0.1)
+        # calls keep succeeding on the current token while its renewal fails ...
+        statuses: list[int] = []
+
+        async def renewal_failed() -> bool:
+            statuses.append((await post_chat(http, running.url))[0])
+            return stack.entra.token_requests >= 2
+
+        await until(renewal_failed, what="a failed renewal", every=0.1)
+        statuses.append((await post_chat(http, running.url))[0])
+        assert set(statuses) == {200}
+
         # ... then the sidecar answers 503 and is not ready, without ever sending an expired token
-        deadline = time.monotonic() + 5
-        while (status := (await post_chat(http, running.url))[0]) == 200 and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        async def refused() -> bool:
+            return (await post_chat(http, running.url))[0] != 200
+
+        await until(refused, what="the token to expire", every=0.1)
         status, _, body = await post_chat(http, running.url)
         assert status == 503
         assert body["error"]["code"]
@@ -257,10 +290,11 @@ async def test_identity_provider_outage_then_recovery(stack: Stack, run_sidecar:
         failed_attempts = stack.entra.token_requests
         # the identity provider comes back: everything recovers by itself
         stack.entra.fail_mode = None
-        deadline = time.monotonic() + 10
-        while (await readyz(http, running.url))[0] != 200:
-            assert time.monotonic() < deadline, "did not recover"
-            await asyncio.sleep(0.1)
+
+        async def ready() -> bool:
+            return (await readyz(http, running.url))[0] == 200
+
+        await until(ready, what="readiness to come back", every=0.1)
         status, _, _ = await post_chat(http, running.url)
         assert status == 200
     # it retried during the outage, with backoff (msal also holds back 5xx retries), never once per request
