@@ -123,12 +123,15 @@ FAKE_AZ = """\
 #!{python}
 # A stand-in for the Azure CLI. `az account get-access-token` redeems the signed-in user's refresh token at the
 # Entra emulator (as the real CLI's msal does) and prints what the real CLI prints.
-import datetime, json, os, sys, time
-import requests
+import json, sys
 
+# logged first: the call counts from when it was made, not from when `requests` finished importing
 state = json.load(open({state!r}))
 with open(state["log"], "a") as log:
     log.write(" ".join(sys.argv[1:]) + "\\n")
+
+import datetime, os, time
+import requests
 while os.path.exists(state["hold"]):  # lets a test line requests up behind one CLI call
     time.sleep(0.01)
 args = sys.argv[1:]

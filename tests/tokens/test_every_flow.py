@@ -60,8 +60,9 @@ async def test_token_is_renewed_before_it_expires(
 ) -> None:
     rig = await rigs.build(flow)
     use_env(monkeypatch, rig.env)
-    stack.entra.token_lifetime = 3  # managed identity tokens are signed by the Entra emulator too
-    sidecar = await run_sidecar(merge(rig.config, {"auth": {"refresh_margin": 1.5}}))
+    # renewed at half-life (2 s); the JWT's exp (whole seconds) is at least 3 s after issue: 1 s to spare
+    stack.entra.token_lifetime = 4  # managed identity tokens are signed by the Entra emulator too
+    sidecar = await run_sidecar(merge(rig.config, {"auth": {"refresh_margin": 2}}))
     client = rig.client(sidecar.url)
     rig.expect_in_reply(await chat(client), stack.audience)
     first = stack.upstream.requests[-1].claims
@@ -71,10 +72,13 @@ async def test_token_is_renewed_before_it_expires(
 
     if rig.per_caller:
         # on-behalf-of holds a token per caller and renews it when that caller comes back after its refresh
-        # point, still before expiry; callers arriving together share the one exchange
-        await asyncio.sleep(1.55)
-        replies = await asyncio.gather(*(chat(client) for _ in range(20)))
+        # point (at most half the lifetime after the exchange), still before expiry; callers arriving together
+        # share the one exchange
+        await asyncio.sleep(2.05)
+        calls = [asyncio.create_task(chat(client)) for _ in range(20)]
+        await until(lambda: rig.token_requests() > requested, what="the renewal")
         renewed_at = time.time()
+        replies = await asyncio.gather(*calls)
         assert rig.token_requests() == requested + 1
     else:
         authorizer = sidecar.app[AUTHORIZER]
@@ -83,7 +87,7 @@ async def test_token_is_renewed_before_it_expires(
             return time.time() + (authorizer.seconds_until_expiry() or 0.0)
 
         first_expires_at = expires_at()
-        await until(lambda: rig.token_requests() > requested, timeout=5, what="a renewal")
+        await until(lambda: rig.token_requests() > requested, what="a renewal")
         renewed_at = time.time()
         assert len(stack.upstream.requests) == upstream_calls  # nobody asked for it
         await until(lambda: expires_at() > first_expires_at + 0.5, what="the renewed token in place")

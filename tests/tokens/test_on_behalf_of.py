@@ -165,19 +165,27 @@ async def test_readiness_comes_back_without_traffic_once_the_credential_works(
     monkeypatch.setattr(on_behalf_of, "RECOVERY_FIRST_DELAY", 0.3)
     stack.entra.set_client_secret(stack.client_id, "rotated-secret")  # the configured one is stale for now
     sidecar = await run_sidecar(config_for(stack, "on_behalf_of"))
+
+    def probes() -> int:  # the sidecar proves its credential with an app-only token
+        return stack.entra.requests_by_grant["client_credentials"]
+
     async with aiohttp.ClientSession() as http:
+        started = time.monotonic()  # before the failing exchange that starts the probing
         status, _, _ = await post_chat(http, sidecar.url, token=caller_token(stack, "alice@contoso.example"))
         assert status == 503
         assert (await readyz(http, sidecar.url))[0] == 503
-        await asyncio.sleep(1.0)  # a few probes fail meanwhile, each backing off further
-        failing_probes = stack.entra.requests_by_grant["client_credentials"]
-        assert 1 <= failing_probes <= 3
+        # probes fail meanwhile, each after a longer wait: 0.3 s, then 0.6 s (without the backoff, 0.6 s in all)
+        await until(lambda: probes() >= 2, what="two probes")
+        assert time.monotonic() - started >= 0.3 + 0.6
+        assert (await readyz(http, sidecar.url))[0] == 503
+        failing_probes = probes()
         stack.entra.set_client_secret(stack.client_id, stack.client_secret)  # the operator fixes the secret
-        await until(lambda: stack.entra.requests_by_grant["client_credentials"] > failing_probes, what="a probe")
-        deadline = asyncio.get_running_loop().time() + 10
-        while (await readyz(http, sidecar.url))[0] != 200:
-            assert asyncio.get_running_loop().time() < deadline, "readiness never came back"
-            await asyncio.sleep(0.1)
+        await until(lambda: probes() > failing_probes, what="a probe")
+
+        async def ready() -> bool:
+            return (await readyz(http, sidecar.url))[0] == 200
+
+        await until(ready, what="readiness to come back", every=0.1)
 
 
 async def test_a_rejected_fresh_token_is_not_exchanged_again(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
