@@ -8,14 +8,16 @@ set-ups (fake `az`, browser, rigs) are in tests/rigs.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import io
 import logging
 import os
 import re
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ import pytest
 import yaml
 from openai import AsyncAzureOpenAI
 
+from sidecar import logs
 from sidecar.app import AUTHORIZER
 from sidecar.server import RunningSidecar
 from sidecar.tokens.manager import RetryPolicy
@@ -68,6 +71,30 @@ class LogWatch(logging.Handler):
 
 
 _WATCH = LogWatch()  # one per test session: the conftest fixture installs and checks it
+
+
+@contextlib.contextmanager
+def configured_logging(fmt: str, secrets: Iterable[str] = ()) -> Iterator[io.StringIO]:
+    """sidecar.logs.configure() as `serve` runs it, writing to the returned buffer instead of stderr.
+
+    configure() replaces the root logger's handlers: the session's log watch is off meanwhile (what is logged
+    here is the test's to check, tokens included) and is put back after, with the levels configure() set."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    quieted = {name: logging.getLogger(name).level for name in ("msal", "azure", "urllib3", "aiohttp.access")}
+    stream = io.StringIO()
+    real_stderr, sys.stderr = sys.stderr, stream  # configure() hands sys.stderr to its handler
+    try:
+        logs.configure("INFO", fmt, secrets)
+    finally:
+        sys.stderr = real_stderr
+    try:
+        yield stream
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for name, was in quieted.items():
+            logging.getLogger(name).setLevel(was)
 
 
 # -- configuration ------------------------------------------------------------------------------------------------
