@@ -12,6 +12,7 @@ from harness import BODY, CHAT, StartSidecar, config_for, wait_ready
 from yarl import URL
 
 from sidecar_emulators import Stack
+from sidecar_emulators.entra import GRANT_JWT_BEARER
 
 
 @pytest.fixture
@@ -45,3 +46,22 @@ async def test_inbound_keys_and_dot_dot_segments(
             assert response.status == 400, path
             assert (await response.json())["error"]["code"] == "InvalidPath"
     assert len(stack.upstream.requests) == 2  # nothing more was forwarded
+
+
+async def test_on_behalf_of_takes_the_key_from_api_key_only(
+    stack: Stack, run_sidecar: StartSidecar, http: aiohttp.ClientSession
+) -> None:
+    """With on_behalf_of, Authorization carries the user's own token: a key sent there is no key."""
+    running = await run_sidecar(config_for(stack, "on_behalf_of", inbound={"api_keys": ["key-one"]}))
+    user = stack.entra.issue_user_token("alice@contoso.example", client_id="web", audience=f"api://{stack.client_id}")
+    for headers in ({"Authorization": "Bearer key-one"}, {"Authorization": f"Bearer {user}"}):
+        async with http.post(running.url + CHAT, data=BODY, headers=headers) as response:
+            assert response.status == 401
+            assert (await response.json())["error"]["code"] == "Unauthorized"
+    assert stack.entra.requests_by_grant[GRANT_JWT_BEARER] == 0  # refused at the gate, before any exchange
+    headers = {"api-key": "key-one", "Authorization": f"Bearer {user}"}
+    async with http.post(running.url + CHAT, data=BODY, headers=headers) as response:
+        assert response.status == 200
+    (seen,) = stack.upstream.requests
+    assert seen.claims is not None and seen.claims["oid"] == stack.entra.directory.user("alice@contoso.example").oid
+    assert "api-key" not in seen.headers
