@@ -153,7 +153,7 @@ async def test_a_stream_is_active_until_it_ends_and_a_caller_who_leaves_is_a_499
 
 
 async def test_identity_provider_failures_and_no_token(stack: Stack, run_sidecar: StartSidecar) -> None:
-    stack.entra.fail_mode = "500"
+    stack.entra.fail_mode = "refuse"  # connections dropped (msal would hold back a retry after a 5xx for 5 s)
     running = await run_sidecar(config_for(stack))
     async with aiohttp.ClientSession() as http:
 
