@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from harness import JWT, StartSidecar, chat, claims_printed, merge, run_cli, until, use_env, write_config
-from rigs import FLOWS, Rigs, rigs_on, unclosed_resources
+from rigs import FLOWS, Rigs, open_subprocess_transports, rigs_on, unclosed_resources
 
 from sidecar.app import AUTHORIZER, STATE
 from sidecar_emulators import Stack
@@ -148,7 +148,8 @@ async def test_azure_identity_credentials_leave_no_open_session(
         await until(lambda: rig.token_requests() >= 2, what="a token request in flight")
         await sidecar.aclose()
         rig.release()
-        await asyncio.sleep(0.2)  # let the abandoned request end
+        # the abandoned request ends: an `az` left running (azure_cli) exits and its transport closes
+        await until(lambda: open_subprocess_transports() == 0, what="the abandoned token request to end", every=0.05)
     assert leaks == []
 
 
