@@ -146,11 +146,11 @@ async def test_reset_mid_stream_is_an_error_not_a_clean_end(stack: Stack, sideca
     stream = await client.chat.completions.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
     )
-    with pytest.raises((openai.APIError, Exception)) as caught:
+    # the sidecar cuts the caller's connection: the SDK sees a broken response, not a clean end of the stream
+    with pytest.raises(openai.APIConnectionError):
         async for _chunk in stream:
             pass
     await client.close()
-    assert "StopAsyncIteration" not in repr(caught.value)
 
 
 async def test_cold_start_burst_makes_one_token_request(stack: Stack, run_sidecar: StartSidecar) -> None:
