@@ -235,18 +235,17 @@ async def test_a_token_that_arrives_expired_is_refused_with_a_clock_hint(lifetim
     assert abs(expiry - local - lifetime) <= 2
     assert "token-" not in message
     assert manager.current is None and not manager.is_ready()
-    # a failure: the refresh loop backs off, and requests meanwhile get the cached error
-    deadline = time.monotonic() + 60  # ~0.7 s when all is well
-    while provider.calls < 5:
-        assert time.monotonic() < deadline, provider.calls
+    # a failure: the refresh loop backs off, and requests meanwhile (one every ~5 ms) get the cached error.
+    # For 1.5 s, and longer if a busy machine has not let three fetches happen by then: the upper bound is
+    # for the 1.5 s (a slow machine only lowers it), the lower one waits for the event.
+    window = time.monotonic() + 1.5
+    while time.monotonic() < window or provider.calls < 3:
+        assert time.monotonic() < window + 60, provider.calls
         with pytest.raises(IdentityError):
             await manager.token_for({})
         await asyncio.sleep(0.005)
     await manager.aclose()
-    # fetches 0.1 s, 0.2 s, then 0.4 s apart (by the loop or a request), less at most 20 % of jitter
-    gaps = [later - earlier for earlier, later in zip(provider.started, provider.started[1:], strict=False)]
-    backoff = [0.8 * min(0.4, 0.1 * 2**failures) for failures in range(len(gaps))]
-    assert all(gap >= least - 0.005 for gap, least in zip(gaps, backoff, strict=True)), (gaps, backoff)
+    assert 3 <= provider.calls <= 15  # 0.1 s, 0.2 s, then 0.4 s apart (by the loop or a request)
 
 
 def test_refresh_schedule() -> None:
