@@ -56,6 +56,12 @@ class RedactingFilter(logging.Filter):
         record.args = None
         if record.exc_text:
             record.exc_text = self._redact(record.exc_text)
+        # the JSON format writes the access fields as they are: a caller's id header could carry a token
+        fields = record.__dict__
+        for name in _ACCESS_FIELDS:
+            value = fields.get(name)
+            if isinstance(value, str):
+                fields[name] = self._redact(value)
         return True
 
 

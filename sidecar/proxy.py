@@ -110,11 +110,12 @@ class Proxy:
         headers = filter_headers(caller.items(), self._drop_from_caller, connection)
         headers += self._extra_headers
         reserved = 0
+        body: bytes | None = b""
         try:
             # Small bodies are read so a 401 can be replayed, while the replay budget lasts; large, chunked or
             # over-budget ones stream (None) and a 401 reaches the caller as it is.
             if not request.body_exists:
-                body: bytes | None = b""
+                body = b""
             elif (
                 (length := request.content_length) is not None
                 and length <= REPLAYABLE_BODY
@@ -146,6 +147,8 @@ class Proxy:
             return upstream_error_response(exc)
         finally:
             self._replay.give(reserved)
+            if body is None:  # streamed: what was read from the caller, not its Content-Length (none if chunked)
+                exchange.bytes_in = request.content.total_bytes
 
     async def _send_with_failover(
         self,

@@ -16,7 +16,7 @@ from sidecar_emulators import Stack
 
 
 async def test_check_prints_claims_never_the_token(stack: Stack, tmp_path: Path) -> None:
-    code, out, err = await run_cli("check", "--config", write_config(tmp_path, config_for(stack)))
+    code, out, err = await run_cli("check", "--config", write_config(tmp_path / "sidecar.yaml", config_for(stack)))
     assert code == 0, err
     assert f"aud                {stack.audience}" in out
     assert f"appid              {stack.client_id}" in out
@@ -29,7 +29,7 @@ async def test_check_prints_claims_never_the_token(stack: Stack, tmp_path: Path)
 
 async def test_check_with_wrong_secret_exits_1_with_the_aadsts_code(stack: Stack, tmp_path: Path) -> None:
     config = config_for(stack, auth={"client_secret": "definitely-the-wrong-secret"})
-    code, out, err = await run_cli("check", "--config", write_config(tmp_path, config))
+    code, out, err = await run_cli("check", "--config", write_config(tmp_path / "sidecar.yaml", config))
     assert code == 1
     assert "AADSTS7000215" in err
     assert "Secret ID" in err  # the hint: the secret's value, not its id
@@ -38,7 +38,7 @@ async def test_check_with_wrong_secret_exits_1_with_the_aadsts_code(stack: Stack
 
 
 async def test_token_prints_a_raw_token_for_curl(stack: Stack, tmp_path: Path) -> None:
-    code, out, err = await run_cli("token", "--config", write_config(tmp_path, config_for(stack)))
+    code, out, err = await run_cli("token", "--config", write_config(tmp_path / "sidecar.yaml", config_for(stack)))
     assert code == 0, err
     token = out.strip()
     assert unverified_claims(token)["aud"] == stack.audience
@@ -47,9 +47,9 @@ async def test_token_prints_a_raw_token_for_curl(stack: Stack, tmp_path: Path) -
 
 async def test_env_overrides_the_file(stack: Stack, tmp_path: Path) -> None:
     config = config_for(stack, auth={"client_secret": "wrong-in-the-file"})
+    path = write_config(tmp_path / "sidecar.yaml", config)
     code, _, err = await run_cli(
-        "check",
-        env={"SIDECAR_CONFIG": write_config(tmp_path, config), "SIDECAR_AUTH__CLIENT_SECRET": stack.client_secret},
+        "check", env={"SIDECAR_CONFIG": path, "SIDECAR_AUTH__CLIENT_SECRET": stack.client_secret}
     )
     assert code == 0, err
 

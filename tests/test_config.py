@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from harness import IDENTITY_ENV, run_cli, write_config
 from pydantic import BaseModel
 
 from sidecar.config import (
@@ -37,23 +36,8 @@ auth:
 """
 
 
-def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "sidecar.yaml"
-    path.write_text(text)
-    return path
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sidecar", *args], capture_output=True, text=True, timeout=60, env=env)
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("SIDECAR_"):
-            monkeypatch.delenv(name)
+def write(tmp_path: Path, text: str) -> str:
+    return write_config(tmp_path / "sidecar.yaml", text)
 
 
 def test_defaults_and_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -72,7 +56,7 @@ def test_defaults_and_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_config_path_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SIDECAR_CONFIG", str(write(tmp_path, GOOD)))
+    monkeypatch.setenv("SIDECAR_CONFIG", write(tmp_path, GOOD))
     assert load_config().upstream.url == "https://func.example.net/api"
 
 
@@ -121,23 +105,23 @@ def test_config_errors_name_the_key(tmp_path: Path, text: str, expected: list[st
     assert "hunter2-secret" not in joined
 
 
-def test_cli_config_error_exits_2_with_one_line_per_problem(tmp_path: Path) -> None:
+async def test_cli_config_error_exits_2_with_one_line_per_problem(tmp_path: Path) -> None:
     text = GOOD.replace("  url: https://func.example.net/api\n", "  connect_timeout: 3\n")
     text = text.replace("client_credentials", "bogus")
-    result = run_cli("check", "--config", str(write(tmp_path, text)))
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
+    code, _, err = await run_cli("check", "--config", write(tmp_path, text))
+    assert code == 2
+    lines = err.strip().splitlines()
     assert any("upstream.url: missing" in line for line in lines)
     assert any("auth.flow" in line for line in lines)
     assert all(line.startswith("sidecar: config error: ") for line in lines)
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in err
 
 
-def test_cli_missing_file_exits_2(tmp_path: Path) -> None:
-    result = run_cli("serve", "--config", str(tmp_path / "nope.yaml"))
-    assert result.returncode == 2
-    assert "cannot read it" in result.stderr
-    assert "Traceback" not in result.stderr
+async def test_cli_missing_file_exits_2(tmp_path: Path) -> None:
+    code, _, err = await run_cli("serve", "--config", str(tmp_path / "nope.yaml"))
+    assert code == 2
+    assert "cannot read it" in err
+    assert "Traceback" not in err
 
 
 def _example_auth_sections(text: str) -> list[dict[str, Any]]:
@@ -365,28 +349,23 @@ auth:
 WEBHOOK_ENV = ("AZURE_TENANT_ID", "AZURE_CLIENT_ID", "AZURE_FEDERATED_TOKEN_FILE", "AZURE_AUTHORITY_HOST")
 
 
-def _without_webhook_env(**extra: str) -> dict[str, str]:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k not in WEBHOOK_ENV and not k.startswith("SIDECAR_")}
-    return {**env, **extra}
-
-
-def test_workload_identity_without_the_webhook_variables_is_a_config_error(tmp_path: Path) -> None:
-    path = str(write(tmp_path, WORKLOAD + "  tenant_id: from-the-file\n"))
-    result = run_cli("check", "--config", path, env=_without_webhook_env(AZURE_CLIENT_ID="from-env"))
-    assert result.returncode == 2, result.stderr
-    [line] = result.stderr.strip().splitlines()
+async def test_workload_identity_without_the_webhook_variables_is_a_config_error(tmp_path: Path) -> None:
+    # run_cli's environment never has the webhook's variables (harness.IDENTITY_ENV) but those given here
+    assert set(WEBHOOK_ENV) <= set(IDENTITY_ENV)
+    path = write(tmp_path, WORKLOAD + "  tenant_id: from-the-file\n")
+    code, _, err = await run_cli("check", "--config", path, env={"AZURE_CLIENT_ID": "from-env"})
+    assert code == 2, err
+    [line] = err.strip().splitlines()
     assert line.startswith(
         "sidecar: config error: auth.federated_token_file: missing; auth.flow=workload_identity needs it: "
         "set auth.federated_token_file, or AZURE_FEDERATED_TOKEN_FILE in the environment (the AKS workload "
         "identity webhook injects it when the pod is labelled azure.workload.identity/use=true"
     )
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in err
 
-    result = run_cli("check", "--config", str(write(tmp_path, WORKLOAD)), env=_without_webhook_env())
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
+    code, _, err = await run_cli("check", "--config", write(tmp_path, WORKLOAD))
+    assert code == 2
+    lines = err.strip().splitlines()
     assert [line.split(":")[2].strip() for line in lines] == [
         "auth.tenant_id",
         "auth.client_id",
@@ -450,7 +429,7 @@ def test_secret_values_lists_every_configured_secret(tmp_path: Path) -> None:
     assert "from-the-secret-file" not in repr(with_file) and "inline-secret" not in repr(inline)
 
 
-def test_cleartext_upstream_is_refused_unless_named(tmp_path: Path) -> None:
+async def test_cleartext_upstream_is_refused_unless_named(tmp_path: Path) -> None:
     """main accepted http:// to any host silently: the token would cross the network in cleartext."""
     insecure = GOOD.replace("https://func.example.net/api", "http://func.example.net/api")
     with pytest.raises(ConfigError) as caught:
@@ -464,8 +443,8 @@ def test_cleartext_upstream_is_refused_unless_named(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, allowed)).upstream.allow_insecure is True
     for loopback in ("http://127.0.0.1:8081/api", "http://localhost:8081", "http://[::1]:8081"):
         assert load_config(write(tmp_path, GOOD.replace("https://func.example.net/api", loopback))).upstream.url
-    result = run_cli("check", "--config", str(write(tmp_path, insecure)))
-    assert result.returncode == 2 and "upstream.allow_insecure" in result.stderr
+    code, _, err = await run_cli("check", "--config", write(tmp_path, insecure))
+    assert code == 2 and "upstream.allow_insecure" in err
 
 
 def test_log_level_and_format_in_any_case(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,7 +13,7 @@ from sidecar_emulators import Scripted, Stack
 
 
 async def check_upstream(tmp_path: Path, config: dict) -> tuple[int, str]:
-    code, out, err = await run_cli("check", "--upstream", "--config", write_config(tmp_path, config))
+    code, out, err = await run_cli("check", "--upstream", "--config", write_config(tmp_path / "sidecar.yaml", config))
     assert "Traceback" not in err
     return code, out.strip().splitlines()[-1]
 

@@ -7,20 +7,14 @@ import gzip
 import hashlib
 import io
 import json
-import socket
 import time
 
 import aiohttp
 import pytest
-from aiohttp import web
-from harness import StartSidecar, config_for, wait_ready
-from yarl import URL
+from harness import BODY, CHAT, STREAM_BODY
 
 from sidecar.server import RunningSidecar
 from sidecar_emulators import Scripted, Stack
-
-CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-06-01"
-BODY = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
 
 
 @pytest.fixture
@@ -114,140 +108,21 @@ async def test_large_chunked_upload_streams_byte_exact(
     assert answer["text"] == f"sha256={hashlib.sha256(payload).hexdigest()} size={len(payload)}"
 
 
-async def test_redirect_is_returned_and_its_target_never_gets_a_token(
-    stack: Stack, sidecar: RunningSidecar, http: aiohttp.ClientSession
-) -> None:
-    seen_at_target: list[dict[str, str]] = []
-
-    async def target(request: web.Request) -> web.Response:
-        seen_at_target.append(dict(request.headers))
-        return web.json_response({"stolen": True})
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", target)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        elsewhere = f"http://127.0.0.1:{port}/elsewhere"
-        stack.upstream.script(Scripted.redirect(elsewhere, status=307))
-        async with http.post(sidecar.url + CHAT, data=BODY, allow_redirects=False) as response:
-            assert response.status == 307
-            assert response.headers["Location"] == elsewhere
-        assert seen_at_target == []
-        # a client that follows redirects itself reaches the target without the sidecar's token
-        stack.upstream.script(Scripted.redirect(elsewhere, status=302))
-        async with http.get(sidecar.url + "/openai/models?api-version=2024-06-01") as response:
-            assert response.status == 200
-        assert len(seen_at_target) == 1
-        assert "Authorization" not in seen_at_target[0]
-        assert len(stack.upstream.requests) == 2
-    finally:
-        await runner.cleanup()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-async def test_upstream_down_is_502_json(stack: Stack, run_sidecar: StartSidecar, http: aiohttp.ClientSession) -> None:
-    running = await run_sidecar(config_for(stack, upstream={"url": f"http://127.0.0.1:{free_port()}/api"}))
-    await wait_ready(running)
-    async with http.post(running.url + CHAT, data=BODY) as response:
-        assert response.status == 502
-        body = await response.json()
-    assert body["error"]["code"] == "UpstreamUnreachable"
-    assert "cannot connect" in body["error"]["message"]
-
-
-async def test_upstream_silent_past_read_timeout_is_504_json(
-    stack: Stack, run_sidecar: StartSidecar, http: aiohttp.ClientSession
-) -> None:
-    running = await run_sidecar(config_for(stack, upstream={"read_timeout": 0.5}))
-    await wait_ready(running)
-    stack.upstream.script(Scripted(hang=True))
-    started = time.monotonic()
-    async with http.post(running.url + CHAT, data=BODY) as response:
-        assert response.status == 504
-        body = await response.json()
-    assert 0.4 < time.monotonic() - started < 3
-    assert body["error"]["code"] == "UpstreamTimeout"
-
-
-async def test_read_timeout_is_idle_time_not_a_total(
-    stack: Stack, run_sidecar: StartSidecar, http: aiohttp.ClientSession
-) -> None:
-    running = await run_sidecar(config_for(stack, upstream={"read_timeout": 0.5}))
-    await wait_ready(running)
-    stack.upstream.stream_delay = 0.3
-    stack.upstream.stream_chunks = 6  # ~1.8 s in total, never 0.5 s idle
-    payload = json.dumps({"stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
-    async with http.post(running.url + CHAT, data=payload) as response:
-        text = (await response.read()).decode()
-    assert response.status == 200
-    assert text.rstrip().endswith("data: [DONE]")
-
-
 async def test_caller_disconnect_closes_the_upstream_stream(
     stack: Stack, sidecar: RunningSidecar, http: aiohttp.ClientSession
 ) -> None:
     stack.upstream.stream_delay = 0.5
-    stack.upstream.stream_chunks = 20
-    payload = json.dumps({"stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
-    response = await http.post(sidecar.url + CHAT, data=payload)
+    stack.upstream.stream_chunks = 40  # 20 s if nobody ends it
+    response = await http.post(sidecar.url + CHAT, data=STREAM_BODY)
     assert response.status == 200
     await response.content.readany()  # the first event is here; now the caller goes away
     left_at = time.monotonic()
     response.close()
-    await asyncio.wait_for(stack.upstream.stream_closed_early_event.wait(), timeout=1.0)
+    # the upstream's stream ends long before its natural end (a sidecar that read on would end it at 20 s)
+    await asyncio.wait_for(stack.upstream.stream_closed_early_event.wait(), timeout=10)
     assert stack.upstream.stream_closed_early_at is not None
-    assert stack.upstream.stream_closed_early_at - left_at < 1.0
+    assert stack.upstream.stream_closed_early_at - left_at < 10
     assert stack.upstream.streams_closed_early == 1
-
-
-async def test_guards_health_and_not_found(
-    stack: Stack, run_sidecar: StartSidecar, http: aiohttp.ClientSession
-) -> None:
-    stack.entra.fail_mode = "hang"  # no first token yet
-    running = await run_sidecar(config_for(stack, inbound={"api_keys": ["key-one", "key-two"]}))
-    async with http.get(running.url + "/healthz") as response:
-        assert response.status == 200
-    async with http.get(running.url + "/readyz") as response:
-        assert response.status == 503
-        assert (await response.json())["status"] == "not ready"
-    stack.entra.fail_mode = None
-    await wait_ready(running)
-    async with http.get(running.url + "/readyz") as response:
-        assert response.status == 200
-
-    async with http.post(running.url + CHAT, data=BODY) as response:
-        assert response.status == 401
-        assert (await response.json())["error"]["code"] == "Unauthorized"
-        assert response.headers["x-should-retry"] == "false"
-    async with http.post(running.url + CHAT, data=BODY, headers={"api-key": "key-wrong"}) as response:
-        assert response.status == 401
-    async with http.post(running.url + CHAT, data=BODY, headers={"api-key": "key-two"}) as response:
-        assert response.status == 200
-    async with http.post(running.url + CHAT, data=BODY, headers={"Authorization": "Bearer key-one"}) as response:
-        assert response.status == 200  # the plain OpenAI client sends its api_key this way
-    assert len(stack.upstream.requests) == 2
-    assert all("api-key" not in r.headers for r in stack.upstream.requests)
-
-    for path in ("/", "/v1/chat/completions", "/openaix/models", "/admin"):
-        async with http.get(running.url + path) as response:
-            assert response.status == 404, path
-            assert (await response.json())["error"]["code"] == "NotFound"
-    for path in ("/openai/../admin", "/openai/%2e%2e/admin", "/openai/deployments/%2E%2E/%2e%2E/x",
-                 "/openai/..%2Fadmin", "/openai/%252e%252e/admin", "/openai/deployments/x/..\\..\\y"):  # fmt: skip
-        raw = URL(running.url + path, encoded=True)  # the client must not normalise the '..' away itself
-        async with http.get(raw, headers={"api-key": "key-one"}) as response:
-            assert response.status == 400, path
-            assert (await response.json())["error"]["code"] == "InvalidPath"
-    assert len(stack.upstream.requests) == 2  # nothing more was forwarded
 
 
 async def test_empty_401_twice_is_explained_with_the_audience(
@@ -277,29 +152,3 @@ async def test_401_with_a_large_body_is_passed_through_without_replay(
         assert response.headers["X-Why"] == "policy"
     assert len(stack.upstream.requests) == 1
     assert stack.upstream.requests[0].body_size == len(big)
-
-
-async def test_non_loopback_without_api_keys_warns(
-    stack: Stack, run_sidecar: StartSidecar, caplog: pytest.LogCaptureFixture
-) -> None:
-    from sidecar.config import Settings
-    from sidecar.server import warn_if_exposed
-
-    exposed = Settings(**config_for(stack, listen={"host": "0.0.0.0"}))
-    with caplog.at_level("WARNING", logger="sidecar"):
-        warn_if_exposed(exposed)
-    assert "without inbound.api_keys" in caplog.text
-    caplog.clear()
-    guarded = Settings(**config_for(stack, listen={"host": "0.0.0.0"}, inbound={"api_keys": ["k"]}))
-    with caplog.at_level("WARNING", logger="sidecar"):
-        warn_if_exposed(guarded)
-        warn_if_exposed(Settings(**config_for(stack)))
-    assert caplog.text == ""
-
-
-def test_access_token_repr_hides_the_token() -> None:
-    from sidecar.tokens.base import AccessToken
-
-    token = AccessToken("eyJhbGciOiJSUzI1NiJ9.secret-part.sig", 123.0)
-    assert "secret-part" not in repr(token)
-    assert "secret-part" not in str(token)

@@ -9,14 +9,13 @@ import time
 
 import openai
 import pytest
-from harness import StartSidecar, config_for
+from harness import API_VERSION, StartSidecar, config_for
 from openai import AsyncAzureOpenAI, AzureOpenAI
 
 from sidecar.claims import unverified_claims
 from sidecar.server import RunningSidecar
 from sidecar_emulators import Scripted, Stack
 
-API_VERSION = "2024-06-01"
 AUDIO = bytes(range(256)) * 4096 + b"\x00tail\xff"  # 1 MiB + a few bytes, every byte value
 
 
@@ -112,22 +111,19 @@ async def test_stream_is_not_buffered(stack: Stack, sidecar: RunningSidecar) -> 
     stack.upstream.stream_delay = 0.4
     stack.upstream.stream_chunks = 5
     client = async_client(sidecar)
-    started = time.monotonic()
     stream = await client.chat.completions.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
     )
-    events_sent_when_first_arrived = None
-    arrivals = []
-    async for _chunk in stream:
-        arrivals.append(time.monotonic() - started)
-        if events_sent_when_first_arrived is None:
-            events_sent_when_first_arrived = len(stack.upstream.stream_events)
+    # how many events the upstream had sent when each chunk reached the caller: the emulator's own count, so
+    # the check holds however slowly a busy machine runs both ends
+    sent_at_arrival = [len(stack.upstream.stream_events) async for _chunk in stream]
     await client.close()
     total_events = len(stack.upstream.stream_events)
-    # the caller held the first event while the upstream had sent only the first of its events
-    assert events_sent_when_first_arrived is not None and events_sent_when_first_arrived < total_events
-    assert arrivals[0] < 0.35
-    assert arrivals[-1] - arrivals[0] > 1.0  # later chunks came later: they were not held back and batched
+    # the caller held the first event while the upstream was still sending ...
+    assert sent_at_arrival[0] < total_events
+    # ... and the later ones as they came: chunks held back and sent in a batch would reach the caller at one or
+    # two upstream states, not at one per event (0.4 s apart)
+    assert len(set(sent_at_arrival)) >= 3, sent_at_arrival
 
 
 async def test_rate_limit_headers_reach_the_caller(stack: Stack, sidecar: RunningSidecar) -> None:
@@ -150,11 +146,11 @@ async def test_reset_mid_stream_is_an_error_not_a_clean_end(stack: Stack, sideca
     stream = await client.chat.completions.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
     )
-    with pytest.raises((openai.APIError, Exception)) as caught:
+    # the sidecar cuts the caller's connection: the SDK sees a broken response, not a clean end of the stream
+    with pytest.raises(openai.APIConnectionError):
         async for _chunk in stream:
             pass
     await client.close()
-    assert "StopAsyncIteration" not in repr(caught.value)
 
 
 async def test_cold_start_burst_makes_one_token_request(stack: Stack, run_sidecar: StartSidecar) -> None:
@@ -186,23 +182,30 @@ async def test_upstream_401_once_refreshes_and_replays(stack: Stack, sidecar: Ru
 
 
 async def test_short_lived_tokens_rotate_without_a_single_failure(stack: Stack, run_sidecar: StartSidecar) -> None:
-    stack.entra.token_lifetime = 8
+    stack.entra.token_lifetime = 8  # renewed at half-life: a new token every ~4 s
     running = await run_sidecar(config_for(stack, auth={"refresh_margin": 5}))
     client = async_client(running, max_retries=0)
     statuses: list[int] = []
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    def tokens() -> set[str]:
+        return {r.headers["Authorization"] for r in stack.upstream.requests}
+
+    def rotated() -> bool:
+        # Five tokens carried requests, and the identity provider was asked exactly once for each: a token
+        # request that gave no token the upstream saw (a wasted call) would keep the counts apart for good.
+        # Compared between requests, so a renewal in flight only means one more request.
+        return len(tokens()) >= 5 and stack.entra.token_requests == len(tokens())
+
+    deadline = time.monotonic() + 90  # ~16 s when all is well
+    while not rotated():
+        assert time.monotonic() < deadline, f"{stack.entra.token_requests} token requests, {len(tokens())} tokens used"
         response = await client.chat.completions.with_raw_response.create(
             model="m", messages=[{"role": "user", "content": "hi"}]
         )
         statuses.append(response.status_code)
         await asyncio.sleep(0.05)
     await client.close()
-    tokens = {r.headers["Authorization"] for r in stack.upstream.requests}
+    # the upstream checks exp on every request (401 otherwise): all 200 means no expired token was sent
     assert set(statuses) == {200}
-    assert len(statuses) > 100
-    assert len(tokens) >= 5  # ~30 s / ~3 s per token
-    # the upstream checks exp on every request (401 otherwise): all 200 means no expired token was sent;
-    # and exactly one identity-provider call per token
-    assert stack.entra.token_requests == len(tokens)
-    assert all(unverified_claims(t.split()[1])["aud"] == stack.audience for t in tokens)
+    assert len(statuses) >= 5 * len(tokens())  # requests kept coming through every token's life
+    assert all(unverified_claims(t.split()[1])["aud"] == stack.audience for t in tokens())

@@ -94,7 +94,7 @@ def test_route_configuration_errors_name_the_key(tmp_path: Path) -> None:
     ]
     for extra, expected in bad:
         with pytest.raises(ConfigError) as caught:
-            load_config(write_config(tmp_path, {**base, **extra}))
+            load_config(write_config(tmp_path / "sidecar.yaml", {**base, **extra}))
         assert any(line.startswith(expected) for line in caught.value.problems), (expected, caught.value.problems)
 
 
@@ -107,9 +107,9 @@ def test_workers_share_one_token_so_other_scopes_need_one_process(tmp_path: Path
         "workers": 2,
     }
     with pytest.raises(ConfigError) as caught:
-        load_config(write_config(tmp_path, config))
+        load_config(write_config(tmp_path / "sidecar.yaml", config))
     assert caught.value.problems == [
         "workers: a route with a scope other than auth.scope needs workers: 1 (workers share one token)"
     ]
     config["routes"] = [{"prefix": "/models/", "upstream": "https://ai.example"}]  # auth.scope: shared, fine
-    assert load_config(write_config(tmp_path, config)).worker_count() == 2
+    assert load_config(write_config(tmp_path / "sidecar.yaml", config)).worker_count() == 2

@@ -269,7 +269,7 @@ async def test_with_tracing_off_no_opentelemetry_module_is_loaded(
     config = config_for(stack, telemetry={"otlp_endpoint": collector.url} if tracing else {})
     env = {name: value for name, value in os.environ.items() if not name.startswith(("OTEL_", "SIDECAR_"))}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", PROBE, write_config(tmp_path, config), CHAT,
+        sys.executable, "-c", PROBE, write_config(tmp_path / "sidecar.yaml", config), CHAT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
     )  # fmt: skip
     stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
@@ -299,12 +299,12 @@ def test_the_standard_otel_variables_are_the_defaults(monkeypatch: pytest.Monkey
     assert (telemetry.otlp_endpoint, telemetry.service_name) == ("http://collector.monitoring:4318", "billing-sidecar")
     # the config file's keys win over them; `otlp_endpoint: null` (as in the example) is not set: the variable holds
     path = write_config(
-        tmp_path, {**GOOD, "telemetry": {"otlp_endpoint": "https://otel.example.net:4318", "service_name": "s"}}
+        tmp_path / "sidecar.yaml",
+        {**GOOD, "telemetry": {"otlp_endpoint": "https://otel.example.net:4318", "service_name": "s"}},
     )
     telemetry = load_config(path).telemetry
     assert (telemetry.otlp_endpoint, telemetry.service_name) == ("https://otel.example.net:4318", "s")
-    (tmp_path / "unset").mkdir()
-    unset = write_config(tmp_path / "unset", {**GOOD, "telemetry": {"otlp_endpoint": None, "service_name": None}})
+    unset = write_config(tmp_path / "unset.yaml", {**GOOD, "telemetry": {"otlp_endpoint": None, "service_name": None}})
     assert load_config(unset).telemetry.otlp_endpoint == "http://collector.monitoring:4318"
     # an empty value turns it off, whatever the variable says
     monkeypatch.setenv("SIDECAR_TELEMETRY__OTLP_ENDPOINT", "")
@@ -339,7 +339,7 @@ def test_telemetry_config_mistakes_name_the_key(
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError) as caught:
-        load_config(write_config(tmp_path, {**GOOD, "telemetry": telemetry}))
+        load_config(write_config(tmp_path / "sidecar.yaml", {**GOOD, "telemetry": telemetry}))
     assert any(line.startswith(problem) for line in caught.value.problems), caught.value.problems
 
 

@@ -7,19 +7,20 @@ from pathlib import Path
 
 import openai
 import pytest
-from flow_support import (
+from harness import (
+    StartSidecar,
     chat,
-    clean_environ,
-    flow_config,
     get_json,
-    install_browser,
-    run,
+    run_cli,
     sdk,
+    start_serve,
+    stop_serve,
     until,
     use_env,
+    wait_ready,
     write_config,
 )
-from harness import StartSidecar, start_serve, stop_serve, wait_ready
+from rigs import install_browser, signin_config
 
 from sidecar.app import AUTHORIZER
 from sidecar_emulators import Stack
@@ -37,14 +38,7 @@ async def test_login_in_a_browser_then_serve_renews_silently(
     oid = stack.entra.register_user(USER)
     stack.entra.interactive_user = USER  # who signs in when the browser reaches the authorize page
     cache = tmp_path / "signin" / "msal_token_cache.json"
-    auth = {
-        "flow": "interactive",
-        "tenant_id": stack.tenant_id,
-        "client_id": CLIENT_ID,
-        "authority_host": stack.authority_host,
-        "token_cache_path": str(cache),
-    }
-    config = flow_config(stack, auth)
+    config = signin_config(stack, "interactive", CLIENT_ID, cache)
     path = write_config(tmp_path / "sidecar.yaml", config)
 
     # serving before anyone signed in: not ready, and callers are told what to run
@@ -61,7 +55,7 @@ async def test_login_in_a_browser_then_serve_renews_silently(
     assert "sidecar login --browser" in refused.value.message
 
     browser, visited = install_browser(tmp_path / "browser", stack.ca_pem_path)
-    code, _, err = await run("login", "--browser", "--config", path, env=clean_environ({"BROWSER": browser}))
+    code, _, err = await run_cli("login", "--browser", "--config", path, env={"BROWSER": browser})
     assert code == 0, err
     assert f"signed in as {USER}; token cache saved to {cache}" in err
     [url] = visited.read_text().splitlines()

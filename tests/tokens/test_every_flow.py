@@ -9,20 +9,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from flow_support import (
-    FLOWS,
-    Rigs,
-    chat,
-    claims_printed,
-    clean_environ,
-    rigs_on,
-    run,
-    unclosed_resources,
-    until,
-    use_env,
-    write_config,
-)
-from harness import JWT, StartSidecar, merge
+from harness import JWT, StartSidecar, chat, claims_printed, merge, run_cli, until, use_env, write_config
+from rigs import FLOWS, Rigs, open_subprocess_transports, rigs_on, unclosed_resources
 
 from sidecar.app import AUTHORIZER, STATE
 from sidecar_emulators import Stack
@@ -72,8 +60,9 @@ async def test_token_is_renewed_before_it_expires(
 ) -> None:
     rig = await rigs.build(flow)
     use_env(monkeypatch, rig.env)
-    stack.entra.token_lifetime = 3  # managed identity tokens are signed by the Entra emulator too
-    sidecar = await run_sidecar(merge(rig.config, {"auth": {"refresh_margin": 1.5}}))
+    # renewed at half-life (2 s); the JWT's exp (whole seconds) is at least 3 s after issue: 1 s to spare
+    stack.entra.token_lifetime = 4  # managed identity tokens are signed by the Entra emulator too
+    sidecar = await run_sidecar(merge(rig.config, {"auth": {"refresh_margin": 2}}))
     client = rig.client(sidecar.url)
     rig.expect_in_reply(await chat(client), stack.audience)
     first = stack.upstream.requests[-1].claims
@@ -83,10 +72,13 @@ async def test_token_is_renewed_before_it_expires(
 
     if rig.per_caller:
         # on-behalf-of holds a token per caller and renews it when that caller comes back after its refresh
-        # point, still before expiry; callers arriving together share the one exchange
-        await asyncio.sleep(1.55)
-        replies = await asyncio.gather(*(chat(client) for _ in range(20)))
+        # point (at most half the lifetime after the exchange), still before expiry; callers arriving together
+        # share the one exchange
+        await asyncio.sleep(2.05)
+        calls = [asyncio.create_task(chat(client)) for _ in range(20)]
+        await until(lambda: rig.token_requests() > requested, what="the renewal")
         renewed_at = time.time()
+        replies = await asyncio.gather(*calls)
         assert rig.token_requests() == requested + 1
     else:
         authorizer = sidecar.app[AUTHORIZER]
@@ -95,7 +87,7 @@ async def test_token_is_renewed_before_it_expires(
             return time.time() + (authorizer.seconds_until_expiry() or 0.0)
 
         first_expires_at = expires_at()
-        await until(lambda: rig.token_requests() > requested, timeout=5, what="a renewal")
+        await until(lambda: rig.token_requests() > requested, what="a renewal")
         renewed_at = time.time()
         assert len(stack.upstream.requests) == upstream_calls  # nobody asked for it
         await until(lambda: expires_at() > first_expires_at + 0.5, what="the renewed token in place")
@@ -116,7 +108,7 @@ async def test_check_prints_the_claims_for_every_flow(stack: Stack, rigs: Rigs, 
 
     async def check(flow: str, config: dict, env: dict[str, str]) -> tuple[int, str, str]:
         path = write_config(tmp_path / "check" / f"{flow}.yaml", config)
-        return await run("check", "--config", path, env=clean_environ(env))
+        return await run_cli("check", "--config", path, env=env)
 
     results = await asyncio.gather(*(check(rig.flow, rig.config, rig.env) for rig in built))
     for rig, (code, out, err) in zip(built, results, strict=True):
@@ -156,7 +148,8 @@ async def test_azure_identity_credentials_leave_no_open_session(
         await until(lambda: rig.token_requests() >= 2, what="a token request in flight")
         await sidecar.aclose()
         rig.release()
-        await asyncio.sleep(0.2)  # let the abandoned request end
+        # the abandoned request ends: an `az` left running (azure_cli) exits and its transport closes
+        await until(lambda: open_subprocess_transports() == 0, what="the abandoned token request to end", every=0.05)
     assert leaks == []
 
 

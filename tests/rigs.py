@@ -1,7 +1,8 @@
-"""What the flow tests share: per-flow set-ups ("rigs") on the emulator stack, the fake `az`, the fake browser,
-a streaming CLI runner and a garbage check for unclosed sessions.
+"""Per-flow set-ups ("rigs") on the emulator stack for the token-flow tests: signing users in, the fake browser,
+the fake `az`, a hop that holds managed-identity requests, and a garbage check for unclosed sessions.
 
-A plain module with a name no other test folder uses (like tests/harness.py), imported as `flow_support`.
+A plain module with a name no other test folder uses (like tests/harness.py, which has everything else the
+tests share), imported as `rigs`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import os
 import re
 import stat
 import sys
-import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,11 +25,9 @@ from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
 import msal
-import pytest
 import requests
-import yaml
 from aiohttp import web
-from harness import _WATCH, merge
+from harness import _WATCH, config_for, sdk
 from openai import AsyncAzureOpenAI
 
 from sidecar.tls import PinnedCASession
@@ -37,151 +35,22 @@ from sidecar.tokens.token_cache import PersistentTokenCache
 from sidecar_emulators import ManagedIdentityEmulator, Stack
 from sidecar_emulators.entra import GRANT_CLIENT_CREDENTIALS, GRANT_JWT_BEARER, GRANT_REFRESH_TOKEN
 
-API_VERSION = "2024-06-01"
 AZ_CLI_CLIENT_ID = "04b07795-8ddb-461a-bbee-02f9e1bf7b46"  # the Azure CLI's own (public) client id
 AKS_ISSUER = "https://oidc.prod-aks.azure.com/00000000-0000-0000-0000-000000000000/"
 AKS_SUBJECT = "system:serviceaccount:ai:chat-app"
 
-# Variables through which azure-identity (and msal) find a credential: none may leak in from the machine.
-IDENTITY_ENV = (
-    "IDENTITY_ENDPOINT", "IDENTITY_HEADER", "IDENTITY_SERVER_THUMBPRINT", "IMDS_ENDPOINT", "MSI_ENDPOINT",
-    "MSI_SECRET", "AZURE_POD_IDENTITY_AUTHORITY_HOST", "AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_CLIENT_SECRET",
-    "AZURE_CLIENT_CERTIFICATE_PATH", "AZURE_FEDERATED_TOKEN_FILE", "AZURE_AUTHORITY_HOST", "AZURE_USERNAME",
-    "AZURE_PASSWORD", "AZURE_TOKEN_CREDENTIALS", "BROWSER",
-)  # fmt: skip
-
-
-def use_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str] | None = None) -> None:
-    """This process's identity variables: exactly `env` (for sidecars run in-process)."""
-    for name in IDENTITY_ENV:
-        monkeypatch.delenv(name, raising=False)
-    for name, value in (env or {}).items():
-        monkeypatch.setenv(name, value)
-
-
-def clean_environ(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """os.environ without identity variables, plus `extra`: the environment for a CLI subprocess."""
-    env = {name: value for name, value in os.environ.items() if name not in IDENTITY_ENV}
-    env.update(extra or {})
-    return env
-
-
-def flow_config(stack: Stack, auth: dict[str, Any], **overrides: Any) -> dict[str, Any]:
-    """A sidecar config for `auth` (the whole auth section) in front of the stack's upstream."""
-    base = {
-        "listen": {"host": "127.0.0.1", "port": 0},
-        "upstream": {"url": stack.upstream_url, "read_timeout": 5},
-        "tls": {"ca_bundle": str(stack.ca_pem_path)},
-        "auth": {"scope": stack.scope, **auth},
-    }
-    return merge(base, overrides)
-
-
-def obo_config(stack: Stack) -> dict[str, Any]:
-    """on_behalf_of as the sidecar's confidential client (the stack's own app registration)."""
-    auth = {
-        "flow": "on_behalf_of",
-        "tenant_id": stack.tenant_id,
-        "client_id": stack.client_id,
-        "client_secret": stack.client_secret,
-        "authority_host": stack.authority_host,
-    }
-    return flow_config(stack, auth)
-
-
-def write_config(path: Path, config: dict[str, Any]) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
-
-
-async def until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
-def sdk(url: str, **kwargs: Any) -> AsyncAzureOpenAI:
-    """The openai SDK as apps configure it against the sidecar; no retries, so every answer is visible."""
-    if "azure_ad_token" not in kwargs:
-        kwargs.setdefault("api_key", "unused-by-the-sidecar")
-    return AsyncAzureOpenAI(azure_endpoint=url, api_version=API_VERSION, max_retries=0, **kwargs)
-
-
-async def chat(client: AsyncAzureOpenAI) -> str:
-    """One chat completion; the upstream emulator's reply names the token it saw (aud, oid, appid)."""
-    completion = await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
-    return completion.choices[0].message.content or ""
-
-
-async def get_json(url: str) -> tuple[int, dict[str, Any]]:
-    async with aiohttp.ClientSession() as http, http.get(url) as response:
-        return response.status, await response.json()
-
-
-# -- the CLI as a streaming subprocess ------------------------------------------------------------------------
-
-
-class Cli:
-    """`python -m sidecar ...` whose stderr is read as it streams, so a test can act on a line (a device code)
-    while the command still runs."""
-
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
-        self.stderr = ""
-        self._reader = asyncio.create_task(self._read())
-
-    @classmethod
-    async def start(cls, *args: str, env: dict[str, str]) -> Cli:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sidecar", *args,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
-            env=env,
-        )  # fmt: skip
-        return cls(process)
-
-    async def _read(self) -> None:
-        assert self.process.stderr is not None
-        while line := await self.process.stderr.readline():
-            self.stderr += line.decode()
-
-    async def wait_for(self, pattern: str, timeout: float = 20) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while (match := re.search(pattern, self.stderr)) is None:
-            if self.process.returncode is not None and self._reader.done():
-                raise AssertionError(f"the command ended without printing {pattern!r}; stderr:\n{self.stderr}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {pattern!r}; stderr so far:\n{self.stderr}")
-            await asyncio.sleep(0.02)
-        return match
-
-    async def finish(self, timeout: float = 30) -> tuple[int, str, str]:
-        assert self.process.stdout is not None
-        try:
-            stdout = await asyncio.wait_for(self.process.stdout.read(), timeout)
-            await asyncio.wait_for(self.process.wait(), timeout)
-            await self._reader
-        finally:
-            if self.process.returncode is None:
-                self.process.kill()
-                await self.process.wait()
-            _WATCH.lines.append(self.stderr)  # the CLI's log output is log output too
-        assert self.process.returncode is not None
-        return self.process.returncode, stdout.decode(), self.stderr
-
-
-async def run(*args: str, env: dict[str, str], timeout: float = 30) -> tuple[int, str, str]:
-    return await (await Cli.start(*args, env=env)).finish(timeout)
-
-
-def claims_printed(out: str) -> dict[str, str]:
-    """`sidecar check` prints claims as `  name   value` rows."""
-    return dict(re.findall(r"^  (\w+) +(.+)$", out, flags=re.MULTILINE))
-
-
 # -- signing users in -------------------------------------------------------------------------------------------
+
+
+def signin_config(stack: Stack, flow: str, client_id: str, cache: Path) -> dict[str, Any]:
+    """device_code or interactive as a public client of the stack's tenant, its sign-in saved in `cache`."""
+    auth = {
+        "tenant_id": stack.tenant_id,
+        "client_id": client_id,
+        "authority_host": stack.authority_host,
+        "token_cache_path": str(cache),
+    }
+    return config_for(stack, flow, auth=auth)
 
 
 def play_browser(url: str, ca: Path) -> tuple[str, dict[str, str]]:
@@ -253,12 +122,15 @@ FAKE_AZ = """\
 #!{python}
 # A stand-in for the Azure CLI. `az account get-access-token` redeems the signed-in user's refresh token at the
 # Entra emulator (as the real CLI's msal does) and prints what the real CLI prints.
-import datetime, json, os, sys, time
-import requests
+import json, sys
 
+# logged first: the call counts from when it was made, not from when `requests` finished importing
 state = json.load(open({state!r}))
 with open(state["log"], "a") as log:
     log.write(" ".join(sys.argv[1:]) + "\\n")
+
+import datetime, os, time
+import requests
 while os.path.exists(state["hold"]):  # lets a test line requests up behind one CLI call
     time.sleep(0.01)
 args = sys.argv[1:]
@@ -458,16 +330,9 @@ class Rigs:
         oid = self.entra.register_user(username)
         cache = self.directory / flow / "msal_token_cache.json"
         await asyncio.to_thread(sign_in, self.stack, client_id, username, cache)
-        auth = {
-            "flow": flow,
-            "tenant_id": self.stack.tenant_id,
-            "client_id": client_id,
-            "authority_host": self.stack.authority_host,
-            "token_cache_path": str(cache),
-        }
         return Rig(
             flow=flow,
-            config=flow_config(self.stack, auth),
+            config=signin_config(self.stack, flow, client_id, cache),
             appid=client_id,
             oid=oid,
             token_requests=lambda: self.entra.requests_by_grant[GRANT_REFRESH_TOKEN],
@@ -491,7 +356,7 @@ class Rigs:
         )
         return Rig(
             flow="on_behalf_of",
-            config=obo_config(stack),
+            config=config_for(stack, "on_behalf_of"),
             appid=stack.client_id,
             oid=oid,
             token_requests=lambda: self.entra.requests_by_grant[GRANT_JWT_BEARER],
@@ -507,7 +372,7 @@ class Rigs:
         env = {"IDENTITY_ENDPOINT": gate.url + "/msi/token", "IDENTITY_HEADER": mi.identity_header}
         return Rig(
             flow=flow,
-            config=flow_config(self.stack, {"flow": flow}),
+            config=config_for(self.stack, flow),
             appid=mi.system_identity.client_id,
             oid=mi.system_identity.object_id,
             token_requests=lambda: gate.arrived,
@@ -537,7 +402,7 @@ class Rigs:
         }
         return Rig(
             flow="workload_identity",
-            config=flow_config(self.stack, {"flow": "workload_identity"}),
+            config=config_for(self.stack, "workload_identity"),
             appid=client_id,
             oid=self.entra.directory.clients[client_id].oid,
             token_requests=lambda: self.entra.requests_by_grant[GRANT_CLIENT_CREDENTIALS],
@@ -552,7 +417,7 @@ class Rigs:
         az = install_fake_az(self.directory / "azure_cli", self.stack, user)
         return Rig(
             flow="azure_cli",
-            config=flow_config(self.stack, {"flow": "azure_cli", "tenant_id": self.stack.tenant_id}),
+            config=config_for(self.stack, "azure_cli", auth={"tenant_id": self.stack.tenant_id}),
             appid=AZ_CLI_CLIENT_ID,
             oid=oid,
             token_requests=lambda: len(az.calls()),
@@ -569,8 +434,10 @@ def unclosed_resources() -> Iterator[list[str]]:
     without being closed.
 
     pytest turns ResourceWarning into an error, but one raised in __del__ becomes an "unraisable exception"
-    that only shows in the warnings summary and fails nothing: recording it here makes it count."""
+    that only shows in the warnings summary and fails nothing: recording it here makes it count. Garbage left
+    by earlier tests is collected before the block, so that it is not counted against this one."""
     found: list[str] = []
+    gc.collect()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -578,6 +445,12 @@ def unclosed_resources() -> Iterator[list[str]]:
         finally:
             gc.collect()
     found.extend(str(w.message) for w in caught if issubclass(w.category, ResourceWarning))
+
+
+def open_subprocess_transports() -> int:
+    """asyncio subprocess transports not closed yet: an `az` that azure-identity started and that still runs (a
+    cancelled credential call does not end its child; the transport closes once the child has exited)."""
+    return sum(1 for o in gc.get_objects() if isinstance(o, asyncio.SubprocessTransport) and not o.is_closing())
 
 
 @contextlib.asynccontextmanager

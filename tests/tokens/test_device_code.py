@@ -9,20 +9,21 @@ from typing import Any
 
 import openai
 import pytest
-from flow_support import (
+from harness import (
     Cli,
+    LogWatch,
+    StartSidecar,
     chat,
     claims_printed,
-    clean_environ,
-    flow_config,
     get_json,
-    run,
+    run_cli,
     sdk,
     until,
     use_env,
+    wait_ready,
     write_config,
 )
-from harness import LogWatch, StartSidecar, wait_ready
+from rigs import signin_config
 
 from sidecar_emulators import Stack
 from sidecar_emulators.entra import GRANT_DEVICE_CODE, GRANT_REFRESH_TOKEN
@@ -34,14 +35,7 @@ CODE = re.compile(r"enter the code ([A-Z0-9]+) to authenticate")
 
 def device_config(stack: Stack, cache: Path) -> dict[str, Any]:
     stack.entra.register_client(CLIENT_ID, public=True)
-    auth = {
-        "flow": "device_code",
-        "tenant_id": stack.tenant_id,
-        "client_id": CLIENT_ID,
-        "authority_host": stack.authority_host,
-        "token_cache_path": str(cache),
-    }
-    return flow_config(stack, auth)
+    return signin_config(stack, "device_code", CLIENT_ID, cache)
 
 
 async def test_serve_prints_the_code_waits_for_approval_then_restarts_without_a_new_sign_in(
@@ -113,9 +107,7 @@ async def test_login_and_logout_from_a_script(stack: Stack, tmp_path: Path) -> N
     oid = stack.entra.register_user(USER)
     cache = tmp_path / "signin" / "msal_token_cache.json"
     path = write_config(tmp_path / "sidecar.yaml", device_config(stack, cache))
-    env = clean_environ()
-
-    login = await Cli.start("login", "--config", path, env=env)
+    login = await Cli.start("login", "--config", path)
     user_code = (await login.wait_for(CODE.pattern)).group(1)  # printed while `login` polls
     assert "SIGN-IN NEEDED" in login.stderr
     stack.entra.approve_device_code(user_code, USER)
@@ -126,13 +118,13 @@ async def test_login_and_logout_from_a_script(stack: Stack, tmp_path: Path) -> N
     assert stack.entra.requests_by_grant[GRANT_DEVICE_CODE] >= 1
 
     # the saved sign-in is what `check` (and `serve`) use: no new device flow
-    code, out, err = await run("check", "--config", path, env=env)
+    code, out, err = await run_cli("check", "--config", path)
     assert code == 0, err
     assert claims_printed(out)["oid"] == oid
     assert stack.entra.device_flows_started == 1
 
-    code, out, err = await run("logout", "--config", path, env=env)
+    code, out, err = await run_cli("logout", "--config", path)
     assert (code, err.strip()) == (0, f"signed out; removed {cache}")
     assert not cache.exists()
-    code, out, err = await run("logout", "--config", path, env=env)
+    code, out, err = await run_cli("logout", "--config", path)
     assert (code, err.strip()) == (0, "no saved sign-in to remove")

@@ -7,19 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
-from flow_support import (
-    AKS_ISSUER,
-    AKS_SUBJECT,
-    chat,
-    clean_environ,
-    flow_config,
-    run,
-    sdk,
-    until,
-    use_env,
-    write_config,
-)
-from harness import StartSidecar, wait_ready
+from harness import StartSidecar, chat, config_for, run_cli, sdk, until, use_env, wait_ready, write_config
+from rigs import AKS_ISSUER, AKS_SUBJECT
 
 from sidecar_emulators import Stack
 from sidecar_emulators.entra import GRANT_CLIENT_CREDENTIALS
@@ -54,7 +43,7 @@ async def test_a_rotated_token_file_is_used_for_the_next_token_request(
         },
     )
     stack.entra.token_lifetime = 3
-    sidecar = await run_sidecar(flow_config(stack, {"flow": "workload_identity", "refresh_margin": 1.5}))
+    sidecar = await run_sidecar(config_for(stack, "workload_identity", auth={"refresh_margin": 1.5}))
     await wait_ready(sidecar)
     assert stack.entra.last_token_request_form["client_assertion"] == first
     oid = stack.entra.directory.clients[CLIENT_ID].oid
@@ -72,18 +61,11 @@ async def test_a_rotated_token_file_is_used_for_the_next_token_request(
 
 
 async def test_a_missing_token_file_is_one_clear_line(stack: Stack, tmp_path: Path) -> None:
-    config = flow_config(
-        stack,
-        {
-            "flow": "workload_identity",
-            "tenant_id": stack.tenant_id,
-            "client_id": CLIENT_ID,
-            "authority_host": stack.authority_host,
-        },
-    )
+    auth = {"tenant_id": stack.tenant_id, "client_id": CLIENT_ID, "authority_host": stack.authority_host}
+    config = config_for(stack, "workload_identity", auth=auth)
     path = write_config(tmp_path / "sidecar.yaml", config)
     missing = tmp_path / "not-projected" / "azure-identity-token"
-    code, _, err = await run("check", "--config", path, env=clean_environ({"AZURE_FEDERATED_TOKEN_FILE": str(missing)}))
+    code, _, err = await run_cli("check", "--config", path, env={"AZURE_FEDERATED_TOKEN_FILE": str(missing)})
     assert code == 1
     [line] = err.strip().splitlines()
     assert line.startswith("sidecar: could not get a token: cannot read the federated token file")

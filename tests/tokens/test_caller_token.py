@@ -1,5 +1,6 @@
-"""on_behalf_of checks the caller's token before it spends an identity-provider call on it: a bad token gets 401
-with its reason, costs no exchange, takes no cache slot and never makes the pod unready."""
+"""The caller's token (sidecar/tokens/caller_token.py): on_behalf_of checks it before it spends an identity-provider
+call on it. A bad token gets 401 with its reason, costs no exchange, takes no cache slot and never makes the pod
+unready; the tenant's keys are fetched through tls.ca_bundle, and refetched for unknown kids at a bounded rate."""
 
 from __future__ import annotations
 
@@ -14,19 +15,15 @@ import aiohttp
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
-from flow_support import API_VERSION, chat, obo_config, sdk, until
-from harness import StartSidecar, merge
+from harness import StartSidecar, chat, config_for, post_chat, readyz, sdk, until
 
 from sidecar.claims import unverified_claims
 from sidecar.config import Settings
-from sidecar.tokens import on_behalf_of
-from sidecar.tokens.base import IdentityError
 from sidecar.tokens.caller_token import CallerTokenValidator
 from sidecar_emulators import Stack
 from sidecar_emulators.entra import GRANT_JWT_BEARER
 from sidecar_emulators.tls import TestCA
 
-CHAT_PATH = f"/openai/deployments/gpt-4o-mini/chat/completions?api-version={API_VERSION}"
 OTHER_TENANT = "0f0e0d0c-0b0a-4909-8807-060504030201"
 
 
@@ -86,28 +83,16 @@ class Forger:
         return [(make(i), reason) for i in range(per_kind) for reason, make in self.kinds()]
 
 
-async def post_chat(http: aiohttp.ClientSession, url: str, token: str) -> tuple[int, dict[str, str], dict[str, Any]]:
-    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
-    headers = {"Authorization": f"Bearer {token}"}
-    async with http.post(url + CHAT_PATH, json=body, headers=headers) as response:
-        return response.status, dict(response.headers), await response.json()
-
-
-async def readyz(http: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, Any]]:
-    async with http.get(url + "/readyz") as response:
-        return response.status, await response.json()
-
-
 async def test_a_flood_of_bad_caller_tokens_gets_401s_and_costs_no_exchange(
     stack: Stack, run_sidecar: StartSidecar
 ) -> None:
-    sidecar = await run_sidecar(obo_config(stack))
+    sidecar = await run_sidecar(config_for(stack, "on_behalf_of"))
     flood = Forger(stack).flood(per_kind=21)
     assert len(flood) >= 200
     async with aiohttp.ClientSession() as http:
         for start in range(0, len(flood), 30):  # 30 at once, and readiness between the bursts
             batch = flood[start : start + 30]
-            answers = await asyncio.gather(*(post_chat(http, sidecar.url, token) for token, _ in batch))
+            answers = await asyncio.gather(*(post_chat(http, sidecar.url, token=token) for token, _ in batch))
             for (token, reason), (status, headers, body) in zip(batch, answers, strict=True):
                 assert status == 401, body
                 error = body["error"]
@@ -127,7 +112,7 @@ async def test_a_flood_of_bad_caller_tokens_gets_401s_and_costs_no_exchange(
 
 
 async def test_bad_tokens_take_no_cache_slot_from_good_users(stack: Stack, run_sidecar: StartSidecar) -> None:
-    sidecar = await run_sidecar(merge(obo_config(stack), {"auth": {"obo_cache_size": 2}}))
+    sidecar = await run_sidecar(config_for(stack, "on_behalf_of", auth={"obo_cache_size": 2}))
     users = {name: stack.entra.register_user(name) for name in ("alice@contoso.example", "bob@contoso.example")}
     clients = {name: sdk(sidecar.url, azure_ad_token=user_token(stack, name, lifetime=3600)) for name in users}
     for name, oid in users.items():
@@ -139,7 +124,7 @@ async def test_bad_tokens_take_no_cache_slot_from_good_users(stack: Stack, run_s
     flood = [(t, r) for t, r in forger.flood(per_kind=5) if not r.startswith(("is not a JWT", "signed with"))]
     async with aiohttp.ClientSession() as http:
         for token, reason in flood:
-            status, _, body = await post_chat(http, sidecar.url, token)
+            status, _, body = await post_chat(http, sidecar.url, token=token)
             assert status == 401 and reason in body["error"]["message"]
 
     # both good users are still cached: no exchange for either (capacity 2, 40 bad tokens in between)
@@ -150,103 +135,27 @@ async def test_bad_tokens_take_no_cache_slot_from_good_users(stack: Stack, run_s
         await client.close()
 
 
-async def test_an_identity_provider_refusal_is_the_callers_and_takes_no_cache_slot(
-    stack: Stack, run_sidecar: StartSidecar
-) -> None:
-    """A token that passes the sidecar's checks but that the identity provider refuses (an app-only token:
-    on-behalf-of needs a user) is that caller's 401: it neither evicts a user nor makes the pod unready."""
-    sidecar = await run_sidecar(merge(obo_config(stack), {"auth": {"obo_cache_size": 1}}))
-    oid = stack.entra.register_user("alice@contoso.example")
-    alice = sdk(sidecar.url, azure_ad_token=user_token(stack, "alice@contoso.example", lifetime=3600))
-    assert f"oid={oid}" in await chat(alice)
-    app_token, _ = stack.entra.mint_app_token(client_id="a-daemon", oid=str(uuid.uuid4()), audience=stack.client_id)
-    async with aiohttp.ClientSession() as http:
-        answers = await asyncio.gather(*(post_chat(http, sidecar.url, app_token) for _ in range(20)))
-        answers += [await post_chat(http, sidecar.url, app_token) for _ in range(10)]
-        for status, headers, body in answers:
-            assert status == 401
-            assert body["error"]["code"] == "AADSTS70000" and "not a delegated" in body["error"]["message"]
-            assert headers["x-should-retry"] == "false"
-        assert exchanges(stack) == 2  # alice's, and one for the 30 requests with the refused token
-        assert (await readyz(http, sidecar.url))[0] == 200
-    assert f"oid={oid}" in await chat(alice)  # still cached, though the cache holds one user
-    assert exchanges(stack) == 2
-    await alice.close()
-
-
-async def test_failures_are_remembered_briefly_and_boundedly(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
-    """(The authorizer's own memory, seen from its object: msal throttles repeated refusals at the identity
-    provider too, so the emulator's counters cannot show it.)"""
-    monkeypatch.setattr(on_behalf_of, "FAILURE_CAPACITY", 16)
-    monkeypatch.setattr(on_behalf_of, "FAILURE_TTL", 0.5)
-    settings = Settings(**obo_config(stack))  # type: ignore[arg-type]
-    authorizer = on_behalf_of.build(settings)
-
-    async def refusal(token: str) -> BaseException:
-        with pytest.raises(IdentityError) as caught:
-            await authorizer.token_for({"Authorization": f"Bearer {token}"})
-        assert caught.value.status == 401
-        return caught.value
-
-    try:
-        first = await refusal("junk-0")
-        assert await refusal("junk-0") is first  # the same answer, not worked out again
-        for i in range(1, 100):
-            await refusal(f"junk-{i}")
-        assert len(authorizer._failures) <= 16
-        remembered_at = time.monotonic()
-        latest = await refusal("junk-99")
-        assert await refusal("junk-0") is not first  # forgotten: beyond capacity
-        await until(lambda: time.monotonic() - remembered_at > 0.5, what="the memory to lapse")
-        assert await refusal("junk-99") is not latest
-    finally:
-        await authorizer.aclose()
-
-
 async def test_readiness_is_the_sidecars_own_credential_never_a_callers_token(
     stack: Stack, run_sidecar: StartSidecar
 ) -> None:
-    sidecar = await run_sidecar(merge(obo_config(stack), {"auth": {"client_secret": "not-the-secret"}}))
+    sidecar = await run_sidecar(config_for(stack, "on_behalf_of", auth={"client_secret": "not-the-secret"}))
     async with aiohttp.ClientSession() as http:
         # bad callers, with a broken sidecar credential: their tokens never reach the identity provider
         for token, _ in Forger(stack).flood(per_kind=2):
-            assert (await post_chat(http, sidecar.url, token))[0] == 401
+            assert (await post_chat(http, sidecar.url, token=token))[0] == 401
         assert exchanges(stack) == 0
         assert (await readyz(http, sidecar.url))[0] == 200
         # a good caller: the exchange shows the sidecar's own credential is wrong, which is the pod's problem
-        status, _, body = await post_chat(http, sidecar.url, user_token(stack, "alice@contoso.example"))
+        status, _, body = await post_chat(http, sidecar.url, token=user_token(stack, "alice@contoso.example"))
         assert status == 503 and "invalid_client" in body["error"]["message"]
         ready_status, ready = await readyz(http, sidecar.url)
         assert ready_status == 503 and "invalid_client" in ready["reason"]
 
 
-async def test_readiness_comes_back_without_traffic_once_the_credential_works(
-    stack: Stack, run_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An unready pod gets no traffic, so no caller's exchange can make it ready again: the sidecar proves its
-    own credential in the background, backing off (one identity-provider call per attempt)."""
-    monkeypatch.setattr(on_behalf_of, "RECOVERY_FIRST_DELAY", 0.3)
-    stack.entra.set_client_secret(stack.client_id, "rotated-secret")  # the configured one is stale for now
-    sidecar = await run_sidecar(obo_config(stack))
-    async with aiohttp.ClientSession() as http:
-        status, _, _ = await post_chat(http, sidecar.url, user_token(stack, "alice@contoso.example"))
-        assert status == 503
-        assert (await readyz(http, sidecar.url))[0] == 503
-        await asyncio.sleep(1.0)  # a few probes fail meanwhile, each backing off further
-        failing_probes = stack.entra.requests_by_grant["client_credentials"]
-        assert 1 <= failing_probes <= 3
-        stack.entra.set_client_secret(stack.client_id, stack.client_secret)  # the operator fixes the secret
-        await until(lambda: stack.entra.requests_by_grant["client_credentials"] > failing_probes, what="a probe")
-        deadline = asyncio.get_running_loop().time() + 10
-        while (await readyz(http, sidecar.url))[0] != 200:
-            assert asyncio.get_running_loop().time() < deadline, "readiness never came back"
-            await asyncio.sleep(0.1)
-
-
 async def test_tokens_for_the_app_id_uri_and_api_uri_are_accepted(stack: Stack, run_sidecar: StartSidecar) -> None:
     app_id_uri = "https://contoso.example/chat-api"
     stack.entra.register_client(stack.client_id, secret=stack.client_secret, identifier_uris=[app_id_uri])
-    sidecar = await run_sidecar(merge(obo_config(stack), {"auth": {"app_id_uri": app_id_uri}}))
+    sidecar = await run_sidecar(config_for(stack, "on_behalf_of", auth={"app_id_uri": app_id_uri}))
     audiences = [f"api://{stack.client_id}", stack.client_id, app_id_uri]
     for n, audience in enumerate(audiences, start=1):
         oid = stack.entra.register_user(f"user{n}@contoso.example")
@@ -257,7 +166,7 @@ async def test_tokens_for_the_app_id_uri_and_api_uri_are_accepted(stack: Stack, 
 
     async with aiohttp.ClientSession() as http:
         other = user_token(stack, "user1@contoso.example", audience="https://contoso.example/other-api")
-        status, _, body = await post_chat(http, sidecar.url, other)
+        status, _, body = await post_chat(http, sidecar.url, token=other)
     assert status == 401
     assert body["error"]["message"] == (
         "InvalidUserToken: the caller's token's audience 'https://contoso.example/other-api' is not this API "
@@ -267,14 +176,14 @@ async def test_tokens_for_the_app_id_uri_and_api_uri_are_accepted(stack: Stack, 
 
 
 async def test_unknown_kids_refetch_the_keys_at_most_once_a_minute(stack: Stack, run_sidecar: StartSidecar) -> None:
-    sidecar = await run_sidecar(obo_config(stack))
+    sidecar = await run_sidecar(config_for(stack, "on_behalf_of"))
     await until(lambda: stack.entra.jwks_requests >= 1, what="the keys fetched at start")
     fetched = stack.entra.jwks_requests
     forger = Forger(stack)
     tokens = [jwt.encode(forger.claims(), forger.other_key, "RS256", headers={"kid": f"k{i}"}) for i in range(60)]
     async with aiohttp.ClientSession() as http:
-        answers = await asyncio.gather(*(post_chat(http, sidecar.url, token) for token in tokens[:30]))
-        answers += [await post_chat(http, sidecar.url, token) for token in tokens[30:]]
+        answers = await asyncio.gather(*(post_chat(http, sidecar.url, token=token) for token in tokens[:30]))
+        answers += [await post_chat(http, sidecar.url, token=token) for token in tokens[30:]]
     for status, _, body in answers:
         assert status == 401 and "signature does not verify" in body["error"]["message"]
     # 60 unknown kids, and the keys were fetched moments ago: no refetch (at most one a minute; the next test
@@ -289,7 +198,7 @@ async def test_unknown_kids_refetch_the_keys_at_most_once_a_minute(stack: Stack,
 
 async def test_the_refetch_interval_is_a_rate_not_a_ban(stack: Stack) -> None:
     """After the interval an unknown kid refetches the keys again (once), as a rotated key needs."""
-    settings = Settings(**obo_config(stack))  # type: ignore[arg-type]
+    settings = Settings(**config_for(stack, "on_behalf_of"))  # type: ignore[arg-type]
     validator = CallerTokenValidator(settings.auth, settings.tls, refetch_interval=1.0)
     forger = Forger(stack)
 
@@ -330,53 +239,19 @@ async def test_ca_bundle_wins_for_the_keys_and_unreachable_keys_are_the_sidecars
     oid = stack.entra.register_user("alice@contoso.example")
     token = user_token(stack, "alice@contoso.example")
 
-    pinned = await run_sidecar(obo_config(stack))  # tls.ca_bundle = the emulators' CA
+    pinned = await run_sidecar(config_for(stack, "on_behalf_of"))  # tls.ca_bundle = the emulators' CA
     async with sdk(pinned.url, azure_ad_token=token) as client:
         assert f"oid={oid}" in await chat(client)
     await pinned.aclose()
 
-    config = obo_config(stack)
+    config = config_for(stack, "on_behalf_of")
     del config["tls"]  # the environment's bundle only: the tenant's keys cannot be fetched
     unpinned = await run_sidecar(config)
     async with aiohttp.ClientSession() as http:
-        status, headers, body = await post_chat(http, unpinned.url, token)
+        status, headers, body = await post_chat(http, unpinned.url, token=token)
         assert status == 503, body
         assert "signing keys" in body["error"]["message"] and "tls.ca_bundle" in body["error"]["message"]
         assert headers["x-should-retry"] == "true"
         ready_status, ready = await readyz(http, unpinned.url)
         assert ready_status == 503 and "signing keys" in ready["reason"]
     assert exchanges(stack) == 1  # only the pinned sidecar's
-
-
-async def test_a_rejected_fresh_token_is_not_exchanged_again(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The upstream's 401 triggers at most one re-exchange per held token; when the freshly exchanged token is
-    rejected too, the answer is None (relay the upstream's 401), with no exchange for a while."""
-    monkeypatch.setattr(on_behalf_of, "REJECTION_BACKOFF", 1.0)
-    settings = Settings(**obo_config(stack))  # type: ignore[arg-type]
-    authorizer = on_behalf_of.build(settings)
-    await authorizer.start()
-    try:
-        headers = {"Authorization": f"Bearer {user_token(stack, 'alice@contoso.example', lifetime=3600)}"}
-        first = await authorizer.token_for(headers)
-        assert exchanges(stack) == 1
-        # ten requests rejected at once: one re-exchange
-        fresh = await asyncio.gather(*(authorizer.token_after_rejection(headers, first) for _ in range(10)))
-        assert len(set(fresh)) == 1 and fresh[0] != first
-        assert exchanges(stack) == 2
-        assert await authorizer.token_after_rejection(headers, first) == fresh[0]  # a late one: already replaced
-        # the fresh token rejected too: no new token, no exchange, and the caller is still served the fresh one
-        rejected_at = time.monotonic()
-        assert await authorizer.token_after_rejection(headers, fresh[0]) is None
-        assert await authorizer.token_after_rejection(headers, fresh[0]) is None
-        assert await authorizer.token_for(headers) == fresh[0]
-        assert exchanges(stack) == 2
-        assert authorizer.is_ready()
-        # after the backoff, one more re-exchange
-        await until(lambda: time.monotonic() - rejected_at > 1.0, what="the backoff to pass")
-        again = await authorizer.token_after_rejection(headers, fresh[0])
-        assert again is not None and again != fresh[0]
-        assert exchanges(stack) == 3
-        assert await authorizer.token_after_rejection(headers, again) is None
-        assert exchanges(stack) == 3
-    finally:
-        await authorizer.aclose()

@@ -6,8 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from flow_support import chat, flow_config, sdk, use_env
-from harness import _WATCH, StartSidecar
+from harness import _WATCH, StartSidecar, chat, config_for, sdk, use_env
 
 from sidecar.claims import unverified_claims
 from sidecar.config import Settings
@@ -43,10 +42,10 @@ async def test_the_sdk_reaches_the_upstream_as_the_managed_identity(
     mi.add_user_assigned("uami-other")  # a second identity on the resource, never the one chosen by mistake
     identity = mi.add_user_assigned("uami-chat") if assigned == "user" else mi.system_identity
     assert identity is not None
-    auth: dict[str, Any] = {"flow": "managed_identity"}
+    auth: dict[str, Any] = {}
     if assigned == "user":
         auth["client_id"] = identity.client_id  # a user-assigned identity selected by its client id
-    sidecar = await run_sidecar(flow_config(stack, auth))
+    sidecar = await run_sidecar(config_for(stack, "managed_identity", auth=auth))
     async with sdk(sidecar.url) as client:
         reply = await chat(client)
     assert f"aud={stack.audience} oid={identity.object_id} appid={identity.client_id}" in reply
@@ -66,7 +65,7 @@ async def test_a_user_assigned_identity_is_selected_by_each_of_its_ids(
     mi.add_user_assigned("uami-other")
     identity: ManagedIdentity = mi.add_user_assigned("uami-chat")
     value = {"client_id": identity.client_id, "object_id": identity.object_id, "resource_id": identity.resource_id}
-    settings = Settings(**flow_config(stack, {"flow": "managed_identity", selector: value[selector]}))
+    settings = Settings(**config_for(stack, "managed_identity", auth={selector: value[selector]}))
     provider = build_provider(settings)
     assert isinstance(provider, TokenProvider)
     try:
