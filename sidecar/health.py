@@ -31,7 +31,7 @@ def own_routes(
         if not waiting:
             return web.json_response({"status": "ready", "flow": authorizers[0].flow})
         authorizer = waiting[0]
-        error = getattr(authorizer, "last_error", None)
+        error = authorizer.last_error
         detail = error.one_line() if error is not None else "waiting for the first token"
         return web.json_response({"status": "not ready", "flow": authorizer.flow, "reason": detail}, status=503)
 
