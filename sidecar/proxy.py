@@ -58,6 +58,8 @@ HOP_BY_HOP = frozenset(
 # content-length too: the transport frames the body it sends itself (same length, or chunked when unknown)
 _DROP_FROM_CALLER = HOP_BY_HOP | {"host", "authorization", "api-key", "expect", "content-length"}
 _DROP_FROM_UPSTREAM = HOP_BY_HOP
+# Seconds a small (in-memory, <= 1 MiB) request body has to arrive; larger ones stream at the caller's pace.
+BODY_READ_TIMEOUT = 60.0
 # The caller gone while we write to it: aiohttp raises ClientConnectionResetError (a ConnectionResetError).
 _CALLER_WRITE_ERRORS = (aiohttp.ClientConnectionError, ConnectionResetError)
 
@@ -122,7 +124,13 @@ class Proxy:
                 and self._replay.take(length)
             ):
                 reserved = length
-                body = await request.read()
+                try:  # a caller trickling a small body must not hold its replay bytes (and a handler) forever
+                    async with asyncio.timeout(BODY_READ_TIMEOUT):
+                        body = await request.read()
+                except TimeoutError:
+                    return error_response(
+                        408, "RequestTimeout", f"the request body did not arrive within {BODY_READ_TIMEOUT:.0f} s"
+                    )
             else:
                 body = None
             token = await self.authorizer.token_for(caller)

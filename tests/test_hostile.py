@@ -356,3 +356,18 @@ async def test_seeded_fuzz_never_500_never_leaves_the_base_path_never_leaks(
     assert not JWT.findall(b"".join(answers).decode("latin-1"))
     assert not JWT.findall("\n".join(r.getMessage() for r in caplog.records))
     assert tracebacks() == []
+
+
+async def test_a_small_body_that_trickles_is_cut_off_with_408(
+    stack: Stack, sidecar: RunningSidecar, monkeypatch: pytest.MonkeyPatch, tracebacks: Records
+) -> None:
+    """A body announced small (kept for a 401 replay) but never finished held a handler and its replay bytes
+    forever; now it has BODY_READ_TIMEOUT to arrive, and nothing is sent upstream meanwhile."""
+    from sidecar import proxy
+
+    monkeypatch.setattr(proxy, "BODY_READ_TIMEOUT", 0.5)
+    head = b"POST " + CHAT.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\nConnection: close\r\n\r\n"
+    answer = await exchange(sidecar.url, head + b'{"messages": ', timeout=5)
+    assert status_of(answer) == 408 and b"RequestTimeout" in answer
+    assert stack.upstream.requests == []
+    assert tracebacks() == []

@@ -42,6 +42,14 @@ class Flow(StrEnum):
     DEFAULT = "default"
 
 
+def without_nulls(values: object) -> object:
+    """A section's keys minus those set to null: `key: null` (or `key:` alone) means "not set", so defaults and
+    the environment still apply."""
+    if isinstance(values, dict):
+        return {key: value for key, value in values.items() if value is not None}
+    return values
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -200,9 +208,7 @@ class TelemetryConfig(_Section):
     @classmethod
     def _null_is_unset(cls, values: object) -> object:
         # the example lists `otlp_endpoint: null`: a copy of it must still take OTEL_EXPORTER_OTLP_ENDPOINT
-        if isinstance(values, dict):
-            return {key: value for key, value in values.items() if value is not None}
-        return values
+        return without_nulls(values)
 
     @field_validator("otlp_endpoint", mode="before")
     @classmethod

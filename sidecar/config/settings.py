@@ -40,6 +40,7 @@ from sidecar.config.sections import (
     TlsConfig,
     UpstreamConfig,
     read_secret_file,
+    without_nulls,
 )
 
 
@@ -69,11 +70,8 @@ class Settings(BaseSettings):
     @field_validator("auth", mode="before")
     @classmethod
     def _null_is_unset(cls, value: object) -> object:
-        # `key: null` (or `key:` alone) says "no value": the same as leaving the key out, so a config that lists
-        # another flow's keys empty, as the example once did, still loads.
-        if isinstance(value, dict):
-            return {key: item for key, item in value.items() if item is not None}
-        return value
+        # a config that lists another flow's keys empty, as the example once did, still loads
+        return without_nulls(value)
 
     @field_validator("workers", mode="before")
     @classmethod
