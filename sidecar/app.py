@@ -22,7 +22,7 @@ from sidecar.config import Settings, audience_of, read_secret_file
 from sidecar.config.routes import RouteConfig
 from sidecar.errors import error_response
 from sidecar.exchange import EXCHANGE, ReplayBudget
-from sidecar.gate import InboundKeys, forwarded, target_problem
+from sidecar.gate import InboundKeys, target_problem
 from sidecar.metrics import Metrics
 from sidecar.proxy import Proxy
 from sidecar.routes import route_family
@@ -75,13 +75,14 @@ def build_dispatch(
 
     # /metrics moves to the admin listener when there is one: scrapers, not applications, read it
     own_routes = health.own_routes(state, authorizers, metrics, with_metrics=settings.admin.port is None)
-    prefixes = tuple(proxy.prefix for proxy, _ in routes)  # longest first: the most specific route wins
 
-    def route_of(target: str) -> tuple[Proxy, WebSocketRelay]:
+    def route_of(target: str) -> tuple[Proxy, WebSocketRelay] | None:
+        """The route whose prefix the raw target starts with, longest first (`routes` is sorted so). Compared on
+        the raw bytes: `/%6Fpenai/` is not `/openai/`, so what the upstream sees is exactly what was checked."""
         for route in routes:
             if target.startswith(route[0].prefix):
                 return route
-        raise AssertionError("forwarded() said a prefix matches")
+        return None
 
     async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
         started = time.monotonic()
@@ -92,7 +93,7 @@ def build_dispatch(
             problem = target_problem(target)
             if problem is not None:
                 response = error_response(400, *problem, retryable=False)
-            elif forwarded(target, prefixes):
+            elif (route := route_of(target)) is not None:
                 upgrade = is_websocket(request)  # the Realtime API: sidecar/websocket.py
                 if keys and not keys.admit(key_headers(request) if upgrade else request.headers):
                     response = error_response(
@@ -104,7 +105,7 @@ def build_dispatch(
                 else:
                     if "Expect" in request.headers:
                         await expect_continue(request)
-                    proxy, relay = route_of(target)
+                    proxy, relay = route
                     response = await (relay.handle(request) if upgrade else proxy.handle(request))
             else:
                 handler = own_routes.get(target.partition("?")[0]) if request.method in ("GET", "HEAD") else None

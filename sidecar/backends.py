@@ -60,6 +60,8 @@ class Backends:
 
     def pick(self, exclude: Iterable[Backend] = ()) -> Backend | None:
         """The next usable backend: the best priority with one not cooling, round-robin among its equals."""
+        if not self.failover and not exclude:
+            return self.all[0]  # the common route: one backend, never cooled; no lists built per request
         now = time.monotonic()
         skipped = set(map(id, exclude))
         usable = [b for b in self._by_priority if b.cooling_until <= now and id(b) not in skipped]

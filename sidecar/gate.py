@@ -4,8 +4,8 @@ The sidecar's one promise is that its token reaches the configured upstream and 
 URL is built by appending the caller's raw target to `upstream.url`, so only an origin-form target
 (`/path?query`, RFC 9112 §3.2.1) whose raw path starts with an allowed prefix may pass: an absolute-form
 target (`http://evil/openai/...`, `work://x/...`) glued onto a port-less `upstream.url` would change its host,
-and `//host/...` or a `..` segment would leave its base path. The transport checks the origin once more
-(sidecar/upstream.py) whatever built the URL.
+and `//host/...` or a `..` segment would leave its base path. The raw prefix is matched to a route in
+app.py (`route_of`); the transport checks the origin once more (sidecar/upstream.py) whatever built the URL.
 """
 
 from __future__ import annotations
@@ -49,12 +49,6 @@ def target_problem(raw_target: str) -> tuple[str, str] | None:
     if has_dot_dot(raw_target):
         return "InvalidPath", "path segments '..' are not allowed"
     return None
-
-
-def forwarded(raw_target: str, prefixes: tuple[str, ...]) -> bool:
-    """Whether an origin-form target is under a prefix the sidecar forwards (compared on the raw bytes:
-    `/%6Fpenai/` is not `/openai/`, so what the upstream sees is exactly what was checked)."""
-    return raw_target.startswith(prefixes)
 
 
 class InboundKeys:
