@@ -74,7 +74,7 @@ def build_dispatch(
     access = AccessLog(access_log) if settings.logging.access_log else None
 
     # /metrics moves to the admin listener when there is one: scrapers, not applications, read it
-    own_routes = health.own_routes(state, authorizers, metrics, with_metrics=settings.admin.port is None)
+    own_routes = health.own_routes(state, authorizers, metrics.render if settings.admin.port is None else None)
 
     def route_of(target: str) -> tuple[Proxy, WebSocketRelay] | None:
         """The route whose prefix the raw target starts with, longest first (`routes` is sorted so). Compared on
@@ -184,15 +184,21 @@ def _authorizers(
     return authorizers
 
 
+def _counted_only(make_authorizer: AuthorizerFactory, observe: TokenObserver) -> AuthorizerFactory:
+    return lambda traced: make_authorizer(observe)
+
+
 def build_app(
     settings: Settings,
     *,
     make_authorizer: AuthorizerFactory | None = None,
     retry: RetryPolicy | None = None,
+    metrics: Metrics | None = None,
 ) -> web.Application:
-    """Everything the app needs comes from `settings`, or is handed in (the authorizer of a worker process, a
-    test's retry policy): no module state. `make_authorizer` builds the one for `auth.scope`."""
-    metrics = Metrics()
+    """Everything the app needs comes from `settings`, or is handed in (a worker process's authorizer and the
+    metrics its parent reads, a test's retry policy): no module state. `make_authorizer` builds the one for
+    `auth.scope`; the calls it makes are traced where it was built (a worker's parent traces its own)."""
+    metrics = metrics or Metrics()
     state: dict[str, object] = {"draining": False, "in_flight": 0}
     app = web.Application(
         client_max_size=1024**4,  # bodies stream; this only bounds request.read() of small replayable ones
@@ -209,6 +215,10 @@ def build_app(
         telemetry = tracing.Telemetry(settings.telemetry)
         observe = telemetry.observer(metrics.observe_token)
     routes = settings.effective_routes()
+    if make_authorizer is not None and telemetry is not None:
+        # a worker hears of its parent's identity-provider calls: it counts them, the parent (which made them)
+        # traces them
+        make_authorizer = _counted_only(make_authorizer, metrics.observe_token)
     by_scope = _authorizers(settings, routes, observe, make_authorizer, retry)
     primary = by_scope.get(settings.auth.scope) or next(iter(by_scope.values()))
     app[AUTHORIZER] = primary
@@ -296,7 +306,7 @@ def build_app(
     if telemetry is not None:
         dispatch = telemetry.dispatch(dispatch)
     app[DISPATCH] = dispatch
-    app[ADMIN] = health.admin_handler(health.own_routes(state, authorizers, metrics))
+    app[ADMIN] = health.admin_handler(health.own_routes(state, authorizers, metrics.render))
     app.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=_expect_in_dispatch)
     app.cleanup_ctx.append(lifecycle)
     return app

@@ -9,17 +9,18 @@ from collections.abc import Awaitable, Callable, Sequence
 from aiohttp import web
 
 from sidecar.errors import error_response
-from sidecar.metrics import Metrics
+from sidecar.metrics import CONTENT_TYPE_LATEST
 from sidecar.tokens.base import Authorizer
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+Render = Callable[[], Awaitable[bytes]]  # the Prometheus exposition: one process's, or a pod's (sidecar/pod.py)
 
 
 def own_routes(
-    state: dict[str, object], authorizers: Sequence[Authorizer], metrics: Metrics, *, with_metrics: bool = True
+    state: dict[str, object], authorizers: Sequence[Authorizer], render: Render | None
 ) -> dict[str, Handler]:
     """Path -> handler for GET/HEAD; `state["draining"]` makes readiness fail while the process drains. Ready
-    means every route's authorizer is (one per scope)."""
+    means every route's authorizer is (one per scope). /metrics only with `render`."""
 
     async def healthz(request: web.BaseRequest) -> web.Response:
         return web.json_response({"status": "alive"})
@@ -35,11 +36,12 @@ def own_routes(
         detail = error.one_line() if error is not None else "waiting for the first token"
         return web.json_response({"status": "not ready", "flow": authorizer.flow, "reason": detail}, status=503)
 
-    async def metrics_endpoint(request: web.BaseRequest) -> web.Response:
-        return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})
-
     routes: dict[str, Handler] = {"/healthz": healthz, "/readyz": readyz}
-    if with_metrics:
+    if render is not None:
+
+        async def metrics_endpoint(request: web.BaseRequest) -> web.Response:
+            return web.Response(body=await render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
         routes["/metrics"] = metrics_endpoint
     return routes
 

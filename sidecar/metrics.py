@@ -12,10 +12,11 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
+from typing import Any
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.exposition import CONTENT_TYPE_LATEST as CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
 
 from sidecar import __version__
@@ -47,9 +48,8 @@ class Histogram:
 
 
 class Metrics:
-    content_type = CONTENT_TYPE_LATEST
-
-    def __init__(self) -> None:
+    def __init__(self, *, process: bool = True) -> None:
+        """`process`: also export this process's own families (process_*, python_*)."""
         self.requests: dict[tuple[str, int, str], int] = {}  # (method, status code or 0, route) -> count
         # (configured route prefix, backend name, status code or 0) -> count: bounded by the configuration
         self.backend_responses: dict[tuple[str, str, int], int] = {}
@@ -68,10 +68,11 @@ class Metrics:
         self._expiry: Callable[[], float | None] = lambda: None
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_Collector(self))
-        # the process's own: resident memory, CPU, descriptors (process_*), the interpreter and its collector
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
-        GCCollector(registry=self.registry)
+        if process:
+            # the process's own: resident memory, CPU, descriptors (process_*), the interpreter and its collector
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+            GCCollector(registry=self.registry)
 
     # -- the request path: plain arithmetic --------------------------------------------------------
 
@@ -126,8 +127,51 @@ class Metrics:
         value = self._expiry()
         return -1.0 if value is None else value
 
-    def render(self) -> bytes:
+    async def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    # -- adding up processes (`workers: N`, sidecar/pod.py) ----------------------------------------
+
+    def traffic(self) -> dict[str, Any]:
+        """What this process served, as JSON-ready data that `add_traffic` adds to another Metrics. Not the
+        identity-provider calls: with workers the parent makes (and counts) them."""
+        return {
+            "requests": [[*key, count] for key, count in self.requests.items()],
+            "backend_responses": [[*key, count] for key, count in self.backend_responses.items()],
+            "cooldowns": [[*key, count] for key, count in self.cooldowns.items()],
+            "upstream_latency": {route: [h.counts, h.total] for route, h in self.upstream_latency.items()},
+            "upstream_ttfb": {route: [h.counts, h.total] for route, h in self.upstream_ttfb.items()},
+            "websocket_sessions": self.websocket_sessions,
+            "websocket_frames": [[*key, count] for key, count in self.websocket_frames.items()],
+            "websocket_bytes": self.websocket_bytes,
+            "gauges": [self.active_streams, self.bytes_in, self.bytes_out, self.websockets_open],
+        }
+
+    def add_traffic(self, traffic: dict[str, Any]) -> None:
+        for name in ("requests", "backend_responses", "cooldowns", "websocket_frames"):
+            counts: dict[tuple[Any, ...], int] = getattr(self, name)
+            for *key, count in traffic[name]:
+                counts[tuple(key)] = counts.get(tuple(key), 0) + count
+        for name in ("websocket_sessions", "websocket_bytes"):
+            by_label: dict[str, int] = getattr(self, name)
+            for label, count in traffic[name].items():
+                by_label[label] = by_label.get(label, 0) + count
+        for name in ("upstream_latency", "upstream_ttfb"):
+            for label, (counts, total) in traffic[name].items():
+                histogram = _histogram(getattr(self, name), label)
+                histogram.counts = [mine + theirs for mine, theirs in zip(histogram.counts, counts, strict=True)]
+                histogram.total += total
+        streams, bytes_in, bytes_out, websockets = traffic["gauges"]
+        self.active_streams += streams
+        self.bytes_in += bytes_in
+        self.bytes_out += bytes_out
+        self.websockets_open += websockets
+
+    def share_token_figures(self, source: Metrics) -> None:
+        """Report `source`'s identity-provider calls and token expiry as this one's (the pod's, from the parent)."""
+        self.token_acquisitions = source.token_acquisitions
+        self.idp_latency = source.idp_latency
+        self._expiry = source.seconds_until_expiry
 
 
 def _histogram(by_label: dict[str, Histogram], label: str) -> Histogram:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
+import os
 import signal
 import socket
 import time
@@ -18,7 +20,9 @@ from aiohttp.web_server import Server
 
 from sidecar.accesslog import batch_access_log
 from sidecar.app import ADMIN, DISPATCH, STATE, WEBSOCKETS, AuthorizerFactory, build_app
-from sidecar.config import Settings, is_loopback
+from sidecar.config import ConfigError, Settings, is_loopback
+from sidecar.health import Handler
+from sidecar.metrics import Metrics
 from sidecar.tokens.manager import RetryPolicy
 
 log = logging.getLogger("sidecar")
@@ -190,9 +194,12 @@ async def start(
     make_authorizer: AuthorizerFactory | None = None,
     retry: RetryPolicy | None = None,
     sock: socket.socket | None = None,
+    metrics: Metrics | None = None,
+    admin: bool = True,
 ) -> RunningSidecar:
-    """Build and start the app; it listens on `sock` when given one (bound by the caller), else on `listen`."""
-    app = build_app(settings, make_authorizer=make_authorizer, retry=retry)
+    """Build and start the app; it listens on `sock` when given one (bound by the caller), else on `listen`.
+    `admin`: open the admin listener (admin.port) too; a worker's parent opens it for the whole pod instead."""
+    app = build_app(settings, make_authorizer=make_authorizer, retry=retry, metrics=metrics)
     runner = make_runner(app, settings)
     await runner.setup()
     if runner.server is not None:
@@ -202,32 +209,53 @@ async def start(
     site = GuardedSite(runner, settings, sock=sock)
     try:
         await site.start()
-    except OSError:
+    except OSError as exc:
         await runner.cleanup()
-        raise
+        raise cannot_listen("listen", settings.listen.host, settings.listen.port, exc) from None
     running = RunningSidecar(app, runner, site, _url(settings.listen.host, site.port))
-    if settings.admin.port is not None:
+    if admin and settings.admin.port is not None:
         try:
-            # worker processes share the admin port as they share the main one (each scrape sees one worker)
-            running.admin, running.admin_url = await _start_admin(app, settings, reuse_port=sock is not None)
-        except OSError:
+            running.admin, running.admin_url = await start_admin(app[ADMIN], settings)
+        except BaseException:
             await runner.cleanup()
             raise
     return running
 
 
-async def _start_admin(app: web.Application, settings: Settings, *, reuse_port: bool) -> tuple[web.ServerRunner, str]:
-    """The admin listener: aiohttp's low-level server with the app's health, readiness and metrics handler."""
-    assert settings.admin.port is not None
-    runner = web.ServerRunner(web.Server(app[ADMIN]), access_log=None, shutdown_timeout=1.0)
+async def start_admin(
+    handler: Handler, settings: Settings, *, sock: socket.socket | None = None
+) -> tuple[web.ServerRunner, str]:
+    """The admin listener: aiohttp's low-level server with one handler (health, readiness, metrics), on `sock`
+    when given one (bound by the caller), else on admin.host/admin.port."""
+    host, port = settings.admin.host, settings.admin.port
+    assert port is not None
+    runner = web.ServerRunner(web.Server(handler), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
-    site = web.TCPSite(runner, settings.admin.host, settings.admin.port, reuse_address=True, reuse_port=reuse_port)
+    site: web.BaseSite = (
+        web.SockSite(runner, sock) if sock is not None else web.TCPSite(runner, host, port, reuse_address=True)
+    )
     try:
         await site.start()
-    except OSError:
+    except OSError as exc:
         await runner.cleanup()
-        raise
-    return runner, _url(settings.admin.host, site.port)
+        raise cannot_listen("admin", host, port, exc) from None
+    bound = sock.getsockname()[1] if sock is not None else site.port  # type: ignore[attr-defined]
+    return runner, _url(host, bound)
+
+
+def cannot_listen(section: str, host: str, port: int, error: OSError) -> ConfigError:
+    """A listener that cannot open is the operator's to fix (the port is taken, the address is not this host's):
+    one line naming the keys, exit 2, no traceback."""
+    reason = os.strerror(error.errno) if error.errno else str(error)
+    fixes = {
+        errno.EADDRINUSE: f"stop what holds the port or choose another ({section}.port)",
+        errno.EADDRNOTAVAIL: f"{host} is not an address of this host: set {section}.host to one (or 0.0.0.0)",
+        errno.EACCES: f"ports below 1024 need privileges: choose {section}.port above 1023",
+    }
+    fix = fixes.get(error.errno or 0, f"check {section}.host and {section}.port")
+    return ConfigError(
+        [f"{section}.host/{section}.port: cannot listen on {_url(host, port)[7:]}: {reason.lower()}; {fix}"]
+    )
 
 
 def _url(host: str, port: int) -> str:
@@ -242,13 +270,15 @@ async def serve(
     stop: asyncio.Event | None = None,
     sock: socket.socket | None = None,
     whole_process: bool = False,
+    metrics: Metrics | None = None,
+    admin: bool = True,
 ) -> int:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then drain.
 
     `sock`: a socket the caller bound (and announces); `whole_process`: this process does nothing but serve, so
-    process-wide tuning applies.
+    process-wide tuning applies; `metrics`, `admin`: see start().
     """
-    running = await start(settings, make_authorizer=make_authorizer, sock=sock)
+    running = await start(settings, make_authorizer=make_authorizer, sock=sock, metrics=metrics, admin=admin)
     app, site = running.app, running.site
     unbatch = batch_access_log(asyncio.get_running_loop())
     if sock is None:  # who bound the socket says where it listens (workers: their parent, once for all)

@@ -21,6 +21,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from processes import start_workers, stop
 from yarl import URL
 
 from sidecar.config import ConfigError, Settings, load_config
@@ -236,6 +237,32 @@ async def test_an_unreachable_upstream_marks_both_spans_as_errors(stack: Stack, 
     assert client.attributes["error.type"] == "ConnectError"
     assert "http.response.status_code" not in client.attributes
     assert (server.attributes["http.response.status_code"], server.attributes["error.type"]) == (502, "502")
+
+
+async def test_with_workers_the_parent_traces_each_token_fetch_once(
+    stack: Stack, collector: Collector, tmp_path: Path
+) -> None:
+    """The parent makes the identity-provider calls, so it traces them; the workers, which only hear of them,
+    must not add a span each."""
+    process, url = await start_workers(stack, tmp_path, workers=2, telemetry={"otlp_endpoint": collector.url})
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+            for _ in range(6):  # new connections: both workers serve some
+                async with http.post(url + CHAT, data=BODY) as response:
+                    assert response.status == 200
+                    await response.read()
+    finally:
+        code, _ = await stop(process)  # every process flushes its spans as it exits
+    assert code == 0
+    spans = collector.spans()
+    fetches = [span for span in spans if span.name == "token fetch"]
+    assert stack.entra.token_requests == 1
+    assert len(fetches) == 1, [(span.name, span.resource.get("process.pid")) for span in spans]
+    assert fetches[0].attributes == {"sidecar.token.flow": "client_credentials", "sidecar.token.outcome": "success"}
+    servers = [span for span in spans if span.kind == SERVER]
+    clients = [span for span in spans if span.kind == CLIENT]
+    assert len(servers) == len(clients) == 6
+    assert {client.parent_id for client in clients} == {server.span_id for server in servers}
 
 
 PROBE = """
