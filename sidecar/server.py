@@ -141,12 +141,22 @@ def _close_if_silent(handler: RequestHandler) -> None:
 
 
 class GuardedSite(web.TCPSite):
-    """aiohttp's TCPSite, with the ConnectionGuard between the listening socket and aiohttp's server. It listens
-    on `sock` when given one (already bound), else on `listen.host`/`listen.port`."""
+    """aiohttp's TCPSite, with a ConnectionGuard between the listening socket and aiohttp's server. It listens
+    on `sock` when given one (already bound), else on `host`/`port`."""
 
-    def __init__(self, runner: web.AppRunner, settings: Settings, *, sock: socket.socket | None = None) -> None:
-        super().__init__(runner, settings.listen.host, settings.listen.port, reuse_address=True)
-        self._settings = settings
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        max_connections: int,
+        header_timeout: float,
+        sock: socket.socket | None = None,
+    ) -> None:
+        super().__init__(runner, host, port, reuse_address=True)
+        self._max_connections = max_connections
+        self._header_timeout = header_timeout
         self._sock = sock
         self.guard: ConnectionGuard | None = None
 
@@ -154,10 +164,7 @@ class GuardedSite(web.TCPSite):
         await web.BaseSite.start(self)  # registers the site with its runner
         server = self._runner.server
         assert server is not None
-        listen = self._settings.listen
-        self.guard = ConnectionGuard(
-            server, max_connections=listen.max_connections, header_timeout=listen.header_timeout
-        )
+        self.guard = ConnectionGuard(server, max_connections=self._max_connections, header_timeout=self._header_timeout)
         # TCPSite.start's own steps (aiohttp 3.14), with the guard as the protocol factory
         loop = asyncio.get_running_loop()
         if self._sock is not None:
@@ -167,6 +174,10 @@ class GuardedSite(web.TCPSite):
                 self.guard, self._host, self._port, backlog=self._backlog, reuse_address=True
             )
         self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
+
+
+# Probes and scrapers open a few connections at a time; a flood past this is closed before aiohttp sees it.
+ADMIN_MAX_CONNECTIONS = 128
 
 
 @dataclass
@@ -206,7 +217,15 @@ async def start(
         # The app routes every path to one function; calling it directly skips aiohttp's router and
         # Application._handle (see build_dispatch). No connection exists yet: all of them use it.
         runner.server.request_handler = app[DISPATCH]
-    site = GuardedSite(runner, settings, sock=sock)
+    listen = settings.listen
+    site = GuardedSite(
+        runner,
+        listen.host,
+        listen.port,
+        max_connections=listen.max_connections,
+        header_timeout=listen.header_timeout,
+        sock=sock,
+    )
     try:
         await site.start()
     except OSError as exc:
@@ -231,16 +250,22 @@ async def start_admin(
     assert port is not None
     runner = web.ServerRunner(web.Server(handler), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
-    site: web.BaseSite = (
-        web.SockSite(runner, sock) if sock is not None else web.TCPSite(runner, host, port, reuse_address=True)
+    # It is on the pod IP: bounded like the main listener, so that nobody who can reach it holds the process's
+    # memory or descriptors (the ones its token requests need) with idle or slow connections.
+    site = GuardedSite(
+        runner,
+        host,
+        port,
+        max_connections=ADMIN_MAX_CONNECTIONS,
+        header_timeout=settings.listen.header_timeout,
+        sock=sock,
     )
     try:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
         raise cannot_listen("admin", host, port, exc) from None
-    bound = sock.getsockname()[1] if sock is not None else site.port  # type: ignore[attr-defined]
-    return runner, _url(host, bound)
+    return runner, _url(host, site.port)
 
 
 def cannot_listen(section: str, host: str, port: int, error: OSError) -> ConfigError:

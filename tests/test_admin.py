@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 from harness import StartSidecar, config_for, wait_ready
 from prometheus_client.parser import text_string_to_metric_families
 
+from sidecar.server import ADMIN_MAX_CONNECTIONS
 from sidecar_emulators import Scripted, Stack
 
 CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-06-01"
@@ -63,3 +66,28 @@ async def test_upstream_429s_are_counted_under_their_own_code(stack: Stack, run_
         if sample.labels.get("route") == "chat.completions" and sample.name == "sidecar_requests_total"
     }
     assert counted == {"429": 3, "200": 1}
+
+
+async def test_a_connection_flood_on_the_admin_port_is_bounded_and_cut(stack: Stack, run_sidecar: StartSidecar) -> None:
+    """The admin port listens on the pod IP: whoever reaches it must not hold the process's memory and
+    descriptors (those its token requests need) with idle connections, nor stop the proxy."""
+    running = await run_sidecar(config_for(stack, admin={"port": 0}, listen={"header_timeout": 1.0}))
+    await wait_ready(running)
+    assert running.admin_url is not None
+    host, port = running.admin_url.removeprefix("http://").rsplit(":", 1)
+    held = [await asyncio.open_connection(host, int(port)) for _ in range(ADMIN_MAX_CONNECTIONS)]
+    try:
+        extra_reader, extra_writer = await asyncio.open_connection(host, int(port))
+        assert await asyncio.wait_for(extra_reader.read(), 5) == b""  # past the cap: closed at once
+        extra_writer.close()
+        async with aiohttp.ClientSession() as http:
+            async with http.post(running.url + CHAT, json={"messages": []}) as response:
+                assert response.status == 200  # the proxy does not notice
+            # silent connections are cut at listen.header_timeout: the probes get through again
+            for reader, _ in held:
+                assert await asyncio.wait_for(reader.read(), 10) == b""
+            async with http.get(running.admin_url + "/healthz") as response:
+                assert response.status == 200
+    finally:
+        for _, writer in held:
+            writer.close()
