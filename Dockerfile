@@ -16,7 +16,8 @@
 #
 # Dependencies come from requirements.lock (pinned, hash-checked; `make lock` regenerates it), never from a
 # fresh resolution: two builds of one commit install the same files. The production image holds the proxy
-# and its dependencies only: no emulators, no openai, no trustme, no pip.
+# and its dependencies only, with the `otel` extra (OpenTelemetry: setting OTEL_EXPORTER_OTLP_ENDPOINT turns
+# tracing on; unset, no OpenTelemetry module is imported): no emulators, no openai, no trustme, no pip.
 #
 # BASE_IMAGE may be any Debian-like image whose `python` is CPython >= 3.11 with venv and pip
 # (scripts/container-test.sh builds with a debootstrapped stand-in). All stages must use the same

@@ -45,15 +45,17 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check sidecar emulators tests bench
 	$(VENV)/bin/ruff format --check sidecar emulators tests bench
 
-# The pinned, hashed dependency sets the image installs (Dockerfile): requirements.lock for the proxy,
-# emulators/requirements.lock for the dev image's emulators and example app (the proxy's pins plus what the
-# emulators add; the local distributions themselves stay out and are installed with --no-deps).
+# The pinned, hashed dependency sets the image installs (Dockerfile): requirements.lock for the proxy with its
+# `otel` extra (so the production image can trace when an operator sets OTEL_EXPORTER_OTLP_ENDPOINT; with
+# tracing off no OpenTelemetry module is imported), emulators/requirements.lock for the dev image's emulators
+# and example app (the proxy's pins plus what the emulators add; the local distributions themselves stay out
+# and are installed with --no-deps).
 # Run after changing a dependency in either pyproject.toml; `make lock LOCK_FLAGS=--upgrade` moves every pin.
 LOCK_FLAGS ?=
 PIP_COMPILE := $(VENV)/bin/pip-compile --quiet --generate-hashes --strip-extras --no-emit-index-url \
 	--no-emit-find-links --no-emit-trusted-host $(LOCK_FLAGS)
 lock: $(STAMP)
-	$(PIP_COMPILE) --allow-unsafe --output-file requirements.lock pyproject.toml
+	$(PIP_COMPILE) --allow-unsafe --extra otel --output-file requirements.lock pyproject.toml
 	$(PIP_COMPILE) --unsafe-package entra-token-sidecar --unsafe-package entra-token-sidecar-emulators \
 	  --output-file emulators/requirements.lock emulators/requirements.in
 

@@ -15,6 +15,8 @@
 #      no capabilities): the sidecar must run as non-root, turn healthy through the image's HEALTHCHECK
 #      (bash against the admin listener, no second Python), answer a proxied request with 200, serve
 #      /healthz, /readyz and /metrics on the admin port 9090 and refuse /openai/ there, and exit 0 on SIGTERM;
+#      then again with OTEL_EXPORTER_OTLP_ENDPOINT set: it must export the request's spans over OTLP/HTTP
+#      (protobuf) to a small receiver on the host's loopback, and still exit 0 on SIGTERM;
 #   5. the compose stack (with compose/ci.override.yml: host network) comes up and the example app exits 0.
 # Everything it started is stopped in an EXIT trap (the engine by its PID). Any failure exits non-zero
 # with a message; nothing is skipped. Needs root (debootstrap, dockerd).
@@ -35,6 +37,7 @@ START=$(date +%s)
 
 WORK=""
 DOCKERD_PID=""
+OTLP_PID=""
 COMPOSE=()
 
 log() { printf '\n[container-test %4ss] %s\n' "$(($(date +%s) - START))" "$*" >&2; }
@@ -71,6 +74,10 @@ cleanup() {
         done
         kill -0 "$DOCKERD_PID" 2>/dev/null && kill -KILL "$DOCKERD_PID"
         wait "$DOCKERD_PID" 2>/dev/null
+    fi
+    if [[ -n $OTLP_PID ]] && kill -0 "$OTLP_PID" 2>/dev/null; then
+        kill -TERM "$OTLP_PID"
+        wait "$OTLP_PID" 2>/dev/null
     fi
     if [[ -n $WORK && -d $WORK ]]; then
         unmount_under "$WORK"
@@ -525,7 +532,102 @@ code=$(docker inspect -f '{{.State.ExitCode}}' ct-sidecar)
     die "the sidecar exited $code on SIGTERM, expected 0"
 }
 log "ok: exit 0 on SIGTERM after $(($(date +%s) - stop_started)) s"
-docker rm -f ct-sidecar ct-emulators >/dev/null
+docker rm -f ct-sidecar >/dev/null
+
+# Tracing from the production image as shipped: OTEL_EXPORTER_OTLP_ENDPOINT alone turns it on. The collector
+# is a stand-in on the host's loopback (the container shares the host network) that answers every POST with
+# 200 and records what arrived; a span's name is a plain string in the protobuf, so counting it in the bodies
+# needs no protobuf decoder on the host. timeout(1) bounds it should the EXIT trap never run.
+mkdir "$WORK/otlp"
+timeout 600 python3 - "$WORK/otlp" <<'PY' 2>"$WORK/otlp/receiver.log" &
+import gzip, http.server, json, os, sys, zlib
+out = sys.argv[1]
+class Receiver(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        encoding = self.headers.get("Content-Encoding", "")
+        body = gzip.decompress(body) if encoding == "gzip" else zlib.decompress(body) if encoding == "deflate" else body
+        record = {"path": self.path, "content_type": self.headers.get("Content-Type"), "bytes": len(body),
+                  "chat_spans": body.count(b"POST chat.completions")}
+        with open(os.path.join(out, "requests.jsonl"), "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("127.0.0.1", 0), Receiver)
+with open(os.path.join(out, "port.tmp"), "w", encoding="utf-8") as handle:
+    handle.write(str(server.server_address[1]))
+os.rename(os.path.join(out, "port.tmp"), os.path.join(out, "port"))
+server.serve_forever()
+PY
+OTLP_PID=$!
+receiver_up() {
+    kill -0 "$OTLP_PID" 2>/dev/null || {
+        cat "$WORK/otlp/receiver.log" >&2
+        die "the OTLP receiver exited"
+    }
+    [[ -s $WORK/otlp/port ]]
+}
+wait_for 30 "OTLP/HTTP receiver started on the host's loopback" receiver_up ||
+    die "the OTLP receiver did not start within 30 s"
+otlp_endpoint="http://127.0.0.1:$(cat "$WORK/otlp/port")"
+
+log "starting the sidecar container with OTEL_EXPORTER_OTLP_ENDPOINT=$otlp_endpoint"
+docker run -d --name ct-sidecar-otel "${hardening[@]}" --no-healthcheck \
+    --tmpfs=/var/lib/sidecar:uid=10001,gid=10001,mode=0700 \
+    -v ct-emulator-ca:/etc/sidecar/emulator-ca:ro \
+    --env-file "$ROOT/compose/emulators.env" \
+    -e OTEL_EXPORTER_OTLP_ENDPOINT="$otlp_endpoint" -e OTEL_SERVICE_NAME=sidecar-container-test \
+    "$IMAGE" >/dev/null
+traced_sidecar_ready() {
+    container_running ct-sidecar-otel || {
+        docker logs --tail 50 ct-sidecar-otel >&2 || true
+        die "the sidecar with tracing on exited (code $(docker inspect -f '{{.State.ExitCode}}' ct-sidecar-otel)): the image cannot trace"
+    }
+    ready
+}
+wait_for 90 "sidecar with tracing on is ready" traced_sidecar_ready || {
+    docker logs --tail 50 ct-sidecar-otel >&2
+    die "the sidecar with tracing on never answered /readyz with 200"
+}
+docker logs ct-sidecar-otel 2>&1 | grep -q "tracing: OTLP/HTTP to $otlp_endpoint/v1/traces" ||
+    die "the sidecar did not log that it traces to $otlp_endpoint/v1/traces"
+expect_status 200 POST "$url" "$chat"
+# The server span (the request) and the client span (its upstream call); the SDK exports every 5 s.
+traces_arrived() {
+    python3 - "$WORK/otlp/requests.jsonl" <<'PY'
+import json, sys
+try:
+    with open(sys.argv[1], encoding="utf-8") as handle:
+        posts = [json.loads(line) for line in handle]
+except FileNotFoundError:
+    sys.exit(1)
+traces = [p for p in posts if p["path"] == "/v1/traces" and p["content_type"] == "application/x-protobuf"]
+spans = sum(p["chat_spans"] for p in traces)
+print(f"{len(posts)} POSTs, {len(traces)} to /v1/traces as application/x-protobuf, {spans} 'POST chat.completions' spans")
+sys.exit(0 if spans >= 2 else 1)
+PY
+}
+wait_for 60 "OTLP receiver got the request's server and client spans" traces_arrived || {
+    cat "$WORK/otlp/requests.jsonl" >&2 2>/dev/null || echo "(no POST arrived at the receiver)" >&2
+    docker logs --tail 30 ct-sidecar-otel >&2
+    die "the production image did not export the request's spans to $otlp_endpoint/v1/traces within 60 s"
+}
+log "OTLP receiver: $(traces_arrived)"
+docker stop -t 40 ct-sidecar-otel >/dev/null
+code=$(docker inspect -f '{{.State.ExitCode}}' ct-sidecar-otel)
+[[ $code == 0 ]] || {
+    docker logs --tail 30 ct-sidecar-otel >&2
+    die "the sidecar with tracing on exited $code on SIGTERM, expected 0"
+}
+log "ok: the production image traces with OTEL_EXPORTER_OTLP_ENDPOINT alone, and exits 0 on SIGTERM"
+kill -TERM "$OTLP_PID"
+wait "$OTLP_PID" 2>/dev/null || true
+OTLP_PID=""
+docker rm -f ct-sidecar-otel ct-emulators >/dev/null
 docker volume rm ct-emulator-ca >/dev/null
 
 # ------------------------------------------------------------------------------------------ 5. compose stack

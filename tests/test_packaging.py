@@ -1,6 +1,7 @@
 """What a production install gets: the proxy's distribution declares exactly what sidecar/ imports (and
-nothing the emulators or the demo need), the lock the image installs pins all of it with hashes, the
-version is written once, and aiohttp is held to the minor release whose internals the proxy uses.
+nothing the emulators or the demo need), the lock the image installs pins all of it (the `otel` extra
+included) with hashes, the version is written once, and aiohttp is held to the minor release whose
+internals the proxy uses.
 
 The installing itself (a fresh venv, the image) is checked by scripts/container-test.sh and by hand.
 """
@@ -126,7 +127,9 @@ def locked(path: Path) -> dict[str, tuple[Version, int]]:
 @pytest.mark.parametrize("lock", ["requirements.lock", "emulators/requirements.lock"])
 def test_the_locks_pin_every_dependency_with_hashes(lock: str) -> None:
     pins = locked(ROOT / lock)
-    needs = declared(RUNTIME) | (declared(EMULATORS) if lock.startswith("emulators") else {})
+    # the `otel` extra too: the production image traces when an operator sets OTEL_EXPORTER_OTLP_ENDPOINT
+    otel = declared({"dependencies": RUNTIME["optional-dependencies"]["otel"]})
+    needs = declared(RUNTIME) | otel | (declared(EMULATORS) if lock.startswith("emulators") else {})
     needs.pop("entra-token-sidecar", None)  # installed from the checkout with --no-deps
     for name, requirement in needs.items():
         assert name in pins, f"{lock} lacks {name}: run `make lock`"
