@@ -136,7 +136,7 @@ EXPOSE 8080 9090
 # SIDECAR_ADMIN__HOST/PORT, or SIDECAR_LISTEN__HOST/PORT when the admin port is unset; a wildcard address
 # is probed on loopback. Raw TCP, so an HTTP proxy in the environment cannot capture the check.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
-    CMD ["bash", "-c", "if [[ -n ${SIDECAR_ADMIN__PORT:-} ]]; then h=${SIDECAR_ADMIN__HOST:-} p=$SIDECAR_ADMIN__PORT; else h=${SIDECAR_LISTEN__HOST:-} p=${SIDECAR_LISTEN__PORT:-8080}; fi; h=${h#[}; h=${h%]}; case $h in ''|0.0.0.0) h=127.0.0.1 ;; ::) h=::1 ;; esac; exec 3<>/dev/tcp/$h/$p && printf 'GET /healthz HTTP/1.0\\r\\n\\r\\n' >&3 && IFS= read -r -t 2 s <&3 && [[ $s == HTTP/1.?' 200 '* ]]"]
+    CMD ["bash", "-c", "p=${SIDECAR_ADMIN__PORT:-}; if [[ ! ${p,,} =~ ^(|off|null|none)$ ]]; then h=${SIDECAR_ADMIN__HOST:-}; else h=${SIDECAR_LISTEN__HOST:-} p=${SIDECAR_LISTEN__PORT:-8080}; fi; h=${h#[}; h=${h%]}; case $h in ''|0.0.0.0) h=127.0.0.1 ;; ::) h=::1 ;; esac; exec 3<>/dev/tcp/$h/$p && printf 'GET /healthz HTTP/1.0\\r\\n\\r\\n' >&3 && IFS= read -r -t 2 s <&3 && [[ $s == HTTP/1.?' 200 '* ]]"]
 
 ENTRYPOINT ["sidecar"]
 CMD ["serve"]

@@ -294,7 +294,10 @@ def test_dockerfile_healthcheck_probes_healthz_on_the_admin_listener() -> None:
         assert run_probe(argv, proxied) == 0
         # without an admin port (a config that turns it off), the main listener's /healthz
         assert run_probe(argv, {"SIDECAR_LISTEN__HOST": "0.0.0.0", "SIDECAR_LISTEN__PORT": str(port)}) == 0
-        assert seen == ["/healthz"] * 5
+        # SIDECAR_ADMIN__PORT=off (any case, or empty) switches the image's admin listener off: the main one
+        for off in ("off", "OFF", "", "null"):
+            assert run_probe(argv, {**admin, "SIDECAR_ADMIN__PORT": off, "SIDECAR_LISTEN__PORT": str(port)}) == 0
+        assert seen == ["/healthz"] * 9
     with health_server(healthz=503) as (port, _):
         assert run_probe(argv, {"SIDECAR_ADMIN__PORT": str(port)}) != 0
     with health_server() as (port, _):  # 404: something else on the port
