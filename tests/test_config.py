@@ -494,3 +494,22 @@ def test_env_lists_must_be_json_and_the_admin_port_can_be_turned_off(
     for off in ("off", "", "null"):
         monkeypatch.setenv("SIDECAR_ADMIN__PORT", off)
         assert load_config(write(tmp_path, GOOD)).admin.port is None
+
+
+def test_the_admin_port_cannot_be_the_proxys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One port for both would fail at bind time (or, with SO_REUSEPORT, split callers between them)."""
+    for admin_host, listen_host in (("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "127.0.0.1"), ("127.0.0.1", "::")):
+        monkeypatch.setenv("SIDECAR_ADMIN__HOST", admin_host)
+        monkeypatch.setenv("SIDECAR_ADMIN__PORT", "8080")
+        monkeypatch.setenv("SIDECAR_LISTEN__HOST", listen_host)
+        with pytest.raises(ConfigError) as caught:
+            load_config(write(tmp_path, GOOD))
+        assert caught.value.problems == [
+            "admin.port: 8080 is listen.port too; give the admin listener a port of its own (e.g. 9090)"
+        ]
+    monkeypatch.setenv("SIDECAR_ADMIN__HOST", "127.0.0.2")  # two addresses, one port each: allowed
+    monkeypatch.setenv("SIDECAR_LISTEN__HOST", "127.0.0.1")
+    assert load_config(write(tmp_path, GOOD)).admin.port == 8080
+    monkeypatch.setenv("SIDECAR_ADMIN__PORT", "0")  # port 0: two different ports chosen at bind time
+    monkeypatch.setenv("SIDECAR_LISTEN__PORT", "0")
+    assert load_config(write(tmp_path, GOOD)).admin.port == 0

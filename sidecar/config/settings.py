@@ -91,6 +91,22 @@ class Settings(BaseSettings):
             raise ValueError("a route with a scope other than auth.scope needs workers: 1 (workers share one token)")
         return value  # type: ignore[return-value]
 
+    @field_validator("admin")
+    @classmethod
+    def _own_port(cls, admin: AdminConfig, info: ValidationInfo) -> AdminConfig:
+        listen = info.data.get("listen")
+        wildcards = {"0.0.0.0", "::", ""}
+        if (
+            listen is not None
+            and admin.port
+            and admin.port == listen.port
+            and (admin.host == listen.host or {admin.host, listen.host} & wildcards)
+        ):
+            raise ValueError(
+                f"admin.port: {admin.port} is listen.port too; give the admin listener a port of its own (e.g. 9090)"
+            )
+        return admin
+
     @field_validator("routes")
     @classmethod
     def _distinct_prefixes(cls, routes: list[RouteConfig]) -> list[RouteConfig]:
@@ -247,7 +263,7 @@ def _explain(error: ValidationError) -> list[str]:
             lines.append(f"{key}: unknown key; check its spelling against config.example.yaml")
         elif kind == "enum":
             lines.append(f"{key}: {message}")
-        elif "\n" in message or message.startswith(("auth.", "upstream.", "routes", "telemetry.")):
+        elif "\n" in message or message.startswith(("auth.", "upstream.", "routes", "telemetry.", "admin.")):
             # a cross-key rule already names its keys, one per line
             lines.extend(message.splitlines())
         else:
