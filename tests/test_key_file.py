@@ -8,6 +8,7 @@ new file renamed over the old one, and the kubelet's swap of a mounted Secret's 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
@@ -19,9 +20,9 @@ import openai
 import pytest
 import websockets
 from harness import _WATCH, StartSidecar, chat, config_for, post_chat, sdk, until, wait_ready
+from processes import start_workers, stop
 
 from sidecar.gate import RECHECK_SECONDS, InboundKeys
-from sidecar.server import RunningSidecar
 from sidecar_emulators import Stack
 
 KEY_A = "key-a-3f9c2e7d41b8a6f0"
@@ -92,9 +93,9 @@ def keys_on_disk(request: pytest.FixtureRequest, tmp_path: Path) -> KeysOnDisk:
     return LAYOUTS[request.param](tmp_path / "secret")
 
 
-async def answer(running: RunningSidecar, key: str) -> int:
+async def answer(url: str, key: str) -> int:
     """The status the openai SDK, configured with this api key, gets for one chat completion."""
-    client = sdk(running.url, api_key=key)
+    client = sdk(url, api_key=key)
     try:
         await chat(client)
         return 200
@@ -105,28 +106,28 @@ async def answer(running: RunningSidecar, key: str) -> int:
         await client.close()
 
 
-async def keyless(running: RunningSidecar) -> int:
+async def keyless(url: str) -> int:
     async with aiohttp.ClientSession() as http:
-        status, _, _ = await post_chat(http, running.url)
+        status, _, _ = await post_chat(http, url)
     return status
 
 
-async def keys_admitted(running: RunningSidecar) -> list[str]:
-    return [key for key in ALL_KEYS if await answer(running, key) == 200]
+async def keys_admitted(url: str) -> list[str]:
+    return [key for key in ALL_KEYS if await answer(url, key) == 200]
 
 
-async def until_admitted(running: RunningSidecar, expected: list[str]) -> None:
+async def until_admitted(url: str, expected: list[str]) -> None:
     async def admitted() -> bool:
-        return await keys_admitted(running) == expected
+        return await keys_admitted(url) == expected
 
     await until(admitted, SWAP_DEADLINE, what=f"exactly {expected} to be admitted", every=0.1)
 
 
-async def stays_admitted(running: RunningSidecar, expected: list[str]) -> None:
+async def stays_admitted(url: str, expected: list[str]) -> None:
     """The admitted keys do not move for three re-check intervals of requests."""
     deadline = time.monotonic() + 3 * RECHECK_SECONDS
     while time.monotonic() < deadline:
-        assert await keys_admitted(running) == expected
+        assert await keys_admitted(url) == expected
         await asyncio.sleep(0.1)
 
 
@@ -148,15 +149,15 @@ async def test_keys_rotate_when_the_file_is_replaced(
     config = config_for(stack, inbound={"api_keys": [CONFIG_KEY], "api_keys_file": str(keys_on_disk.path)})
     running = await run_sidecar(config)
     await wait_ready(running)
-    assert await keys_admitted(running) == [KEY_A, CONFIG_KEY]
-    assert await answer(running, "# rotated by the platform team") == 401  # a comment line is no key
+    assert await keys_admitted(running.url) == [KEY_A, CONFIG_KEY]
+    assert await answer(running.url, "# rotated by the platform team") == 401  # a comment line is no key
     assert key_file_records(caplog, logging.INFO) == [f"inbound.api_keys_file {keys_on_disk.path}: 1 keys loaded"]
 
     keys_on_disk.write(f"{KEY_B}\n")
     swapped = time.monotonic()
-    await until_admitted(running, [KEY_B, CONFIG_KEY])
+    await until_admitted(running.url, [KEY_B, CONFIG_KEY])
     print(f"{type(keys_on_disk).__name__}: new keys admitted {time.monotonic() - swapped:.2f} s after the swap")
-    assert await answer(running, KEY_A) == 401
+    assert await answer(running.url, KEY_A) == 401
     assert key_file_records(caplog, logging.INFO)[1:] == [
         f"inbound.api_keys_file {keys_on_disk.path} changed: 1 keys loaded"
     ]
@@ -175,25 +176,25 @@ async def test_a_file_that_breaks_keeps_the_last_keys_and_warns_once(
     running = await run_sidecar(config_for(stack, inbound={"api_keys_file": str(keys_on_disk.path)}))
     await wait_ready(running)
     keys_on_disk.write(KEY_B + "\n")
-    await until_admitted(running, [KEY_B])
+    await until_admitted(running.url, [KEY_B])
 
     keys_on_disk.empty()
     await until(lambda: key_file_records(caplog, logging.WARNING), SWAP_DEADLINE, what="a warning")
-    await stays_admitted(running, [KEY_B])
-    assert await keyless(running) == 401  # no key at all is still refused
+    await stays_admitted(running.url, [KEY_B])
+    assert await keyless(running.url) == 401  # no key at all is still refused
     (empty,) = key_file_records(caplog, logging.WARNING)
     assert f"'{keys_on_disk.path}' holds no key" in empty and "keeping the 1 keys read before" in empty
 
     keys_on_disk.remove()
     await until(lambda: len(key_file_records(caplog, logging.WARNING)) == 2, SWAP_DEADLINE, what="a 2nd warning")
-    await stays_admitted(running, [KEY_B])
-    assert await keyless(running) == 401
+    await stays_admitted(running.url, [KEY_B])
+    assert await keyless(running.url) == 401
     missing = key_file_records(caplog, logging.WARNING)[1]
     assert f"cannot read '{keys_on_disk.path}' (No such file or directory)" in missing
     assert len(key_file_records(caplog, logging.WARNING)) == 2, "one warning per change, not per look"
 
     keys_on_disk.write(f"{KEY_A}\n{KEY_B}\n")  # both, as in the middle of a rotation
-    await until_admitted(running, [KEY_A, KEY_B])
+    await until_admitted(running.url, [KEY_A, KEY_B])
     assert key_file_records(caplog, logging.INFO)[-1] == (
         f"inbound.api_keys_file {keys_on_disk.path} changed: 2 keys loaded"
     )
@@ -261,3 +262,30 @@ def test_key_file_format(tmp_path: Path) -> None:
     candidates = ("key-zero", "key-one", "key#two", "key", "# team-a, until June", "# indented", "")
     assert [k for k in candidates if keys.admit({"api-key": k})] == ["key-zero", "key-one", "key#two"]
     assert keys.admit({"Authorization": "Bearer key-one"})
+
+
+async def test_every_worker_of_sidecar_serve_rotates(stack: Stack, tmp_path: Path) -> None:
+    """`sidecar serve` with two workers: each process watches the file; its log says what was loaded (a count,
+    never a key) once per worker."""
+    keys_on_disk = SecretVolume(tmp_path / "secret")
+    keys_on_disk.write(KEY_A)
+    process, url = await start_workers(stack, tmp_path, workers=2, inbound={"api_keys_file": str(keys_on_disk.path)})
+    try:
+
+        async def every_time(expected: list[str]) -> bool:
+            # a new connection per request: the kernel spreads them over both workers
+            for _ in range(20):
+                if await keys_admitted(url) != expected:
+                    return False
+            return True
+
+        await until(lambda: every_time([KEY_A]), SWAP_DEADLINE, what="both workers to admit KEY_A only")
+        keys_on_disk.write(KEY_B)
+        await until(lambda: every_time([KEY_B]), SWAP_DEADLINE, what="both workers to admit KEY_B only")
+    finally:
+        code, lines = await stop(process)
+    assert code == 0
+    messages = [json.loads(line)["message"] for line in lines if line.startswith("{")]
+    assert messages.count(f"inbound.api_keys_file {keys_on_disk.path}: 1 keys loaded") == 2
+    assert messages.count(f"inbound.api_keys_file {keys_on_disk.path} changed: 1 keys loaded") == 2
+    assert not [key for key in ALL_KEYS if key in "\n".join(lines)]
