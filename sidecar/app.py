@@ -58,6 +58,7 @@ def build_dispatch(
     state: dict[str, object],
     routes: Sequence[tuple[Proxy, WebSocketRelay]],
     authorizers: Sequence[Authorizer],
+    keys: InboundKeys,
 ) -> Handler:
     """Every request's one entry point: the gate (request target, inbound key; sidecar/gate.py), the routes,
     the access log and the metrics, in one function.
@@ -67,10 +68,6 @@ def build_dispatch(
     of the sidecar's CPU per proxied request. server.start() hands this function to aiohttp's server
     directly; the Application also routes every path here, so both ways behave the same.
     """
-    keys = InboundKeys(
-        (key.get_secret_value() for key in settings.inbound.api_keys),
-        bearer_is_key=not authorizers[0].takes_caller_bearer,  # one flow for every route
-    )
     access = AccessLog(access_log) if settings.logging.access_log else None
 
     # /metrics moves to the admin listener when there is one: scrapers, not applications, read it
@@ -99,7 +96,7 @@ def build_dispatch(
                     response = error_response(
                         401,
                         "Unauthorized",
-                        "missing or wrong api-key for this sidecar (inbound.api_keys)",
+                        "missing or wrong api-key for this sidecar (inbound.api_keys / inbound.api_keys_file)",
                         retryable=False,
                     )
                 else:
@@ -284,6 +281,7 @@ def build_app(
         for each in by_scope.values():
             await each.start()
         checks = [asyncio.create_task(_probe_once_ready(proxy, path)) for proxy, path in probes]
+        checks.append(asyncio.create_task(keys.watch()))  # inbound.api_keys_file, read again when it changes
         try:
             yield
         finally:
@@ -301,8 +299,13 @@ def build_app(
                 await telemetry.aclose()  # the last spans leave (bounded), in-flight ones ended by now
 
     authorizers = list(by_scope.values())
+    keys = InboundKeys(
+        (key.get_secret_value() for key in settings.inbound.api_keys),
+        bearer_is_key=not authorizers[0].takes_caller_bearer,  # one flow for every route
+        key_file=settings.inbound.api_keys_file,
+    )
     table = sorted(zip(proxies, relays, strict=True), key=lambda pair: -len(pair[0].prefix))
-    dispatch = build_dispatch(settings, metrics, state, table, authorizers)
+    dispatch = build_dispatch(settings, metrics, state, table, authorizers, keys)
     if telemetry is not None:
         dispatch = telemetry.dispatch(dispatch)
     app[DISPATCH] = dispatch

@@ -29,10 +29,12 @@ log = logging.getLogger("sidecar")
 
 
 def warn_if_exposed(settings: Settings) -> None:
-    if not is_loopback(settings.listen.host) and not settings.inbound.api_keys:
+    inbound = settings.inbound
+    if not is_loopback(settings.listen.host) and not inbound.api_keys and inbound.api_keys_file is None:
         log.warning(
             "!!! listening on %s without inbound.api_keys: anyone who can reach this port gets requests signed "
-            "with this identity's token. Set inbound.api_keys, or listen on 127.0.0.1. !!!",
+            "with this identity's token. Set inbound.api_keys (or inbound.api_keys_file), or listen on "
+            "127.0.0.1. !!!",
             settings.listen.host,
         )
 

@@ -84,6 +84,14 @@ def test_everything_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
         (GOOD.replace("upstream:", "upstreem:"), ["upstreem: unknown key"]),
         (GOOD.replace("scope: api://demo/.default", "scope: ''"), ["auth.scope"]),
         (GOOD.replace("https://func.example.net/api", "ftp://x"), ["upstream.url: must be an http(s) URL"]),
+        (
+            GOOD + "inbound:\n  api_keys_file: /nonexistent/keys\n",
+            ["inbound.api_keys_file: cannot read '/nonexistent/keys'", "one inbound key per line"],
+        ),
+        (
+            GOOD + "inbound:\n  api_keys_file: /dev/null\n",
+            ["inbound.api_keys_file: '/dev/null' holds no key", "one inbound key per line"],
+        ),
     ],
     ids=[
         "missing-url",
@@ -94,6 +102,8 @@ def test_everything_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
         "typo",
         "empty-scope",
         "bad-url",
+        "missing-key-file",
+        "empty-key-file",
     ],
 )
 def test_config_errors_name_the_key(tmp_path: Path, text: str, expected: list[str]) -> None:
@@ -122,6 +132,37 @@ async def test_cli_missing_file_exits_2(tmp_path: Path) -> None:
     assert code == 2
     assert "cannot read it" in err
     assert "Traceback" not in err
+
+
+async def test_inbound_key_file_from_env_and_its_errors_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIDECAR_INBOUND__API_KEYS_FILE names the file; at start a file that is missing, empty (blank and comment
+    lines only), not text or blank stops the sidecar with exit 2 naming the key and the fix, quoting no key."""
+    keys = tmp_path / "keys"
+    keys.write_text("# rotated monthly\n\n  inbound-from-file-1  \ninbound-from-file-2\n")
+    settings = Settings(**yaml.safe_load(GOOD), inbound={"api_keys": ["inbound-inline"], "api_keys_file": str(keys)})
+    assert {"inbound-from-file-1", "inbound-from-file-2", "inbound-inline"} <= set(settings.secret_values())
+    assert "inbound-from-file" not in repr(settings) + str(settings.model_dump())
+    config = write(tmp_path, GOOD)
+    monkeypatch.setenv("SIDECAR_INBOUND__API_KEYS_FILE", str(keys))
+    assert load_config(config).inbound.api_keys_file == keys
+
+    broken = tmp_path / "broken"
+    for content, problem in (
+        (None, f"cannot read '{broken}' (No such file or directory)"),
+        (b"\n  \n# all keys retired\n", f"'{broken}' holds no key"),
+        (b"\xffinbound-from-file-3\n", f"'{broken}' is not UTF-8 text"),
+    ):
+        if content is not None:
+            broken.write_bytes(content)
+        code, _, err = await run_cli("serve", "--config", config, env={"SIDECAR_INBOUND__API_KEYS_FILE": str(broken)})
+        assert code == 2, err
+        (line,) = err.strip().splitlines()
+        assert line.startswith(f"sidecar: config error: inbound.api_keys_file: {problem}; "), line
+        assert "one inbound key per line" in line and "inbound-from-file" not in err
+    code, _, err = await run_cli("serve", "--config", config, env={"SIDECAR_INBOUND__API_KEYS_FILE": ""})
+    assert code == 2 and "inbound.api_keys_file: is empty: set it to the path of a file" in err, err
 
 
 def _example_auth_sections(text: str) -> list[dict[str, Any]]:

@@ -79,7 +79,7 @@ async def test_sigterm_exits_promptly_while_the_identity_provider_hangs(stack: S
 
 
 async def test_non_loopback_without_api_keys_warns(
-    stack: Stack, run_sidecar: StartSidecar, caplog: pytest.LogCaptureFixture
+    stack: Stack, run_sidecar: StartSidecar, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     exposed = Settings(**config_for(stack, listen={"host": "0.0.0.0"}))
     with caplog.at_level("WARNING", logger="sidecar"):
@@ -90,4 +90,7 @@ async def test_non_loopback_without_api_keys_warns(
     with caplog.at_level("WARNING", logger="sidecar"):
         warn_if_exposed(guarded)
         warn_if_exposed(Settings(**config_for(stack)))
+        key_file = tmp_path / "keys"
+        key_file.write_text("k\n")
+        warn_if_exposed(Settings(**config_for(stack, listen={"host": "0.0.0.0"}, inbound={"api_keys_file": key_file})))
     assert caplog.text == ""

@@ -43,6 +43,7 @@ from sidecar.config.sections import (
     TlsConfig,
     UpstreamConfig,
     is_loopback,
+    read_key_file,
     read_secret_file,
 )
 from sidecar.config.settings import Settings, load_config
@@ -82,5 +83,6 @@ __all__ = [
     "default_token_cache_path",
     "is_loopback",
     "load_config",
+    "read_key_file",
     "read_secret_file",
 ]

@@ -143,6 +143,23 @@ class TlsConfig(_Section):
 
 class InboundConfig(_Section):
     api_keys: list[SecretStr] = Field(default_factory=list)
+    # One key per line, re-read when it changes (sidecar/gate.py): keys rotate without a restart.
+    api_keys_file: Path | None = None
+
+    @field_validator("api_keys_file", mode="before")
+    @classmethod
+    def _blank_is_a_mistake(cls, value: object) -> object:
+        # Path("") is ".": a blank SIDECAR_INBOUND__API_KEYS_FILE would read as "cannot read '.'"
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty: set it to the path of a file with one inbound key per line, or remove it")
+        return value
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _holds_keys(cls, value: Path | None) -> Path | None:
+        if value is not None and (problem := read_key_file(value)[1]) is not None:
+            raise ValueError(f"{problem}; {KEY_FILE_FIX}")
+        return value
 
 
 class AdminConfig(_Section):
@@ -259,3 +276,30 @@ class TelemetryConfig(_Section):
 
 def read_secret_file(path: Path) -> str:
     return path.read_text(encoding="utf-8").strip()
+
+
+KEY_FILE_LIMIT = 1024 * 1024
+KEY_FILE_FIX = (
+    "it must be a file the sidecar can read holding one inbound key per line (blank lines and lines starting "
+    "with # are ignored); fix it or remove inbound.api_keys_file"
+)
+
+
+def read_key_file(path: Path) -> tuple[list[str], str | None]:
+    """The keys in an `inbound.api_keys_file` and None; or no keys and why (unreadable, not UTF-8 text, no key
+    in it), never quoting the file. A key is a line, surrounding whitespace stripped; blank lines and whole-line
+    `#` comments are skipped (a `#` inside a line is part of its key)."""
+    try:
+        with path.open("rb") as file:
+            data = file.read(KEY_FILE_LIMIT + 1)
+    except OSError as exc:
+        return [], f"cannot read {str(path)!r} ({exc.strerror})"
+    if len(data) > KEY_FILE_LIMIT:  # a wrong path (a log, a device): never held in memory whole
+        return [], f"{str(path)!r} is larger than {KEY_FILE_LIMIT // 1024} KiB, too large for a file of keys"
+    try:
+        text = data.decode("utf-8-sig")  # -sig: a byte order mark from a Windows editor is no key
+    except UnicodeDecodeError:  # its own message would quote a byte of a key
+        return [], f"{str(path)!r} is not UTF-8 text"
+    lines = (line.strip() for line in text.splitlines())
+    keys = [line for line in lines if line and not line.startswith("#")]
+    return keys, None if keys else f"{str(path)!r} holds no key"

@@ -39,6 +39,7 @@ from sidecar.config.sections import (
     TelemetryConfig,
     TlsConfig,
     UpstreamConfig,
+    read_key_file,
     read_secret_file,
     without_nulls,
 )
@@ -134,6 +135,8 @@ class Settings(BaseSettings):
         """Every configured secret value (inbound keys, upstream headers, the flow's credential), so the log
         redactor can scrub them even if a library echoes one."""
         values = [key.get_secret_value() for key in self.inbound.api_keys]
+        if self.inbound.api_keys_file is not None:
+            values += read_key_file(self.inbound.api_keys_file)[0]
         for route in self.effective_routes():
             values += [value.get_secret_value() for value in route.headers.values()]
             for path in route.headers_files.values():

@@ -32,6 +32,7 @@ import yaml
 from harness import StartSidecar, config_for, merge, wait_ready
 from prometheus_client.parser import text_string_to_metric_families
 
+from sidecar.config import read_key_file
 from sidecar_emulators import Stack
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -522,8 +523,9 @@ VARIANTS = (*POD_VARIANTS, GATEWAY, MONITORING)
 COMPONENT = "components/sidecar"
 ADMIN_PORT_NAME = "sidecar-admin"
 PROBES = {"startupProbe": "/readyz", "readinessProbe": "/readyz", "livenessProbe": "/healthz"}
-# The placeholder the tests put where a Secret's value goes (SIDECAR_INBOUND__API_KEYS is a JSON list).
-SAMPLE_API_KEYS = '["test-inbound-key-1", "test-inbound-key-2"]'
+# The placeholder the tests put where the gateway's Secret of inbound keys is mounted (one key per line).
+SAMPLE_API_KEYS = ["test-inbound-key-1", "test-inbound-key-2"]
+GATEWAY_KEYS_SECRET = ("sidecar-gateway-api-keys", "keys")  # the Secret and its key the gateway mounts
 
 SAMPLE_DEPLOYMENTS = """\
 apiVersion: apps/v1
@@ -617,15 +619,34 @@ def sidecar_container(documents: list[dict[str, Any]], variant: str = "base") ->
 
 
 def env_of(container: dict[str, Any]) -> dict[str, str]:
-    """The container's environment as the process sees it (a Secret's value: the tests' placeholder)."""
+    """The container's environment as the process sees it: plain values only (a secret in an environment
+    variable is read once, at start; the manifests mount secrets as files, which the sidecar reads again)."""
     out = {}
     for entry in container.get("env", []):
-        if "value" in entry:
-            out[entry["name"]] = entry["value"]
-        else:
-            assert entry["valueFrom"]["secretKeyRef"]["key"] == "api-keys", entry
-            out[entry["name"]] = SAMPLE_API_KEYS
+        assert "value" in entry, f"{entry['name']}: a secret goes in a mounted file, not the environment"
+        out[entry["name"]] = entry["value"]
     return out
+
+
+def mounted_secret(documents: list[dict[str, Any]], variant: str, path: str) -> tuple[str, str]:
+    """The Secret and its key that the sidecar container sees at `path`, through a read-only, non-optional
+    secret volume that the kubelet keeps up to date (no subPath)."""
+    spec, sidecar = pod_spec(documents, variant), sidecar_container(documents, variant)
+    directory, _, name = path.rpartition("/")
+    (mount,) = [m for m in sidecar["volumeMounts"] if m["mountPath"] == directory]
+    assert mount.get("readOnly") is True and not mount.get("subPath"), mount
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    secret = volume["secret"]
+    assert not secret.get("optional"), "no Secret, no pod"
+    (item,) = [i for i in secret.get("items", [{"key": name, "path": name}]) if i["path"] == name]
+    return secret["secretName"], item["key"]
+
+
+def sample_keys_file(directory: Path) -> Path:
+    """Where the tests put the gateway's inbound keys: a file as the kubelet mounts the Secret's key."""
+    path = directory / "inbound-keys"
+    path.write_text("\n".join(SAMPLE_API_KEYS) + "\n", encoding="utf-8")
+    return path
 
 
 def port_named(container: dict[str, Any], name: str) -> int:
@@ -822,12 +843,16 @@ def test_configmap_and_container_env_are_valid_sidecar_config(
         "AZURE_AUTHORITY_HOST": "https://login.microsoftonline.com/",
     }
     env = env_of(sidecar) | (webhook if flow == "workload_identity" else {})
+    if variant == GATEWAY:  # the Secret's file is only in the pod: the same keys in a file here
+        assert mounted_secret(documents, variant, config["inbound"]["api_keys_file"]) == GATEWAY_KEYS_SECRET
+        config["inbound"]["api_keys_file"] = str(sample_keys_file(tmp_path))
     settings = assert_valid_config(monkeypatch, tmp_path, text=yaml.safe_dump(config), env=env)
     if settings is not None:  # None: a file only the pod has (the client secret) was unreadable here
         assert settings.admin.host == "0.0.0.0" and settings.admin.port == port_named(sidecar, ADMIN_PORT_NAME)
         assert settings.listen.port == port_named(sidecar, "sidecar")
-        keys = [key.get_secret_value() for key in settings.inbound.api_keys]
-        assert keys == (json.loads(SAMPLE_API_KEYS) if variant == GATEWAY else [])
+        assert settings.inbound.api_keys == []
+        key_file = settings.inbound.api_keys_file
+        assert (read_key_file(key_file)[0] if key_file else []) == (SAMPLE_API_KEYS if variant == GATEWAY else [])
 
 
 def test_workload_identity_overlay(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -870,11 +895,11 @@ def test_gateway_listens_everywhere_behind_inbound_keys_from_a_secret(
     assert [c["name"] for c in spec["containers"]] == ["sidecar"] and not spec.get("initContainers")
     config = sidecar_config(documents, GATEWAY)
     assert config["listen"] == {"host": "0.0.0.0", "port": port_named(sidecar, "sidecar")}
-    assert "inbound" not in config, "inbound keys come from the Secret, never from the ConfigMap"
-    (keys,) = [e for e in sidecar["env"] if e["name"] == "SIDECAR_INBOUND__API_KEYS"]
-    ref = keys["valueFrom"]["secretKeyRef"]
-    assert ref["name"] == "sidecar-gateway-api-keys" and ref["key"] == "api-keys"
-    assert not ref.get("optional"), "no Secret, no pod: the gateway never listens without inbound keys"
+    assert list(config["inbound"]) == ["api_keys_file"], "inbound keys come from the Secret, never the ConfigMap"
+    # a mounted file, which the kubelet updates and the sidecar reads again: keys rotate without a restart;
+    # not optional: no Secret, no pod, so the gateway never listens without inbound keys
+    assert mounted_secret(documents, GATEWAY, config["inbound"]["api_keys_file"]) == GATEWAY_KEYS_SECRET
+    assert not [e for e in sidecar["env"] if e["name"].startswith("SIDECAR_INBOUND__")]
     assert not of_kind(documents, "Secret"), "no placeholder key in git that a forgotten deploy would accept"
     # two replicas, rolled one new pod at a time, never fewer than the replicas
     assert deployment["spec"]["replicas"] >= 2
@@ -919,9 +944,13 @@ def test_gateway_service_networkpolicy_and_disruption_budget(rendered: dict[str,
 
 
 async def test_manifest_probes_scrape_and_health_checks_against_a_real_sidecar(
-    rendered: dict[str, list[dict[str, Any]]], stack: Stack, run_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch
+    rendered: dict[str, list[dict[str, Any]]],
+    stack: Stack,
+    run_sidecar: StartSidecar,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
-    """The gateway's container env (admin listener, inbound keys in their Secret's JSON form) on a real
+    """The gateway's container env (admin listener) and inbound keys (the Secret's file) on a real
     sidecar, with the emulators as identity provider and upstream and loopback for 0.0.0.0: what the
     kubelet's probes, Prometheus's scrape, the image's HEALTHCHECK and compose's check ask must answer as
     they expect, and the admin port must never proxy."""
@@ -933,11 +962,15 @@ async def test_manifest_probes_scrape_and_health_checks_against_a_real_sidecar(
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     config = sidecar_config(documents, GATEWAY)
-    running = await run_sidecar(merge(config_for(stack), {k: config[k] for k in ("logging", "shutdown_grace")}))
+    assert mounted_secret(documents, GATEWAY, config["inbound"]["api_keys_file"]) == GATEWAY_KEYS_SECRET
+    config["inbound"]["api_keys_file"] = str(sample_keys_file(tmp_path))
+    running = await run_sidecar(
+        merge(config_for(stack), {k: config[k] for k in ("logging", "shutdown_grace", "inbound")})
+    )
     await wait_ready(running)
     assert running.admin_url is not None
     admin_port = running.admin_url.rsplit(":", 1)[1]
-    key = json.loads(SAMPLE_API_KEYS)[1]
+    key = SAMPLE_API_KEYS[1]
     chat = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-06-01"
     async with aiohttp.ClientSession() as http:
         for variant in (*POD_VARIANTS, GATEWAY):  # every manifest's probe paths
