@@ -166,23 +166,24 @@ def _static_headers(route: RouteConfig) -> dict[str, str]:
 def _authorizers(
     settings: Settings,
     routes: Sequence[RouteConfig],
+    metrics: Metrics,
     observe: TokenObserver,
     make_authorizer: AuthorizerFactory | None,
     retry: RetryPolicy | None,
 ) -> dict[str, Authorizer]:
-    """One authorizer (one token cache) per scope the routes ask for; the same flow and credentials for all."""
+    """One authorizer (one token cache) per scope the routes ask for; the same flow and credentials for all.
+
+    `observe` hears of every identity-provider call (metrics, and a span when tracing is on). A handed-in
+    authorizer only counts its calls here: they are made, and traced, where it was built (a worker's parent).
+    """
     authorizers: dict[str, Authorizer] = {}
     for scope in dict.fromkeys(route.scope or settings.auth.scope for route in routes):
         if scope == settings.auth.scope and make_authorizer is not None:
-            authorizers[scope] = make_authorizer(observe)
+            authorizers[scope] = make_authorizer(metrics.observe_token)
             continue
         scoped = settings.model_copy(update={"auth": settings.auth.model_copy(update={"scope": scope})})
         authorizers[scope] = build_authorizer(scoped, observer=observe, retry=retry)
     return authorizers
-
-
-def _counted_only(make_authorizer: AuthorizerFactory, observe: TokenObserver) -> AuthorizerFactory:
-    return lambda traced: make_authorizer(observe)
 
 
 def build_app(
@@ -194,7 +195,7 @@ def build_app(
 ) -> web.Application:
     """Everything the app needs comes from `settings`, or is handed in (a worker process's authorizer and the
     metrics its parent reads, a test's retry policy): no module state. `make_authorizer` builds the one for
-    `auth.scope`; the calls it makes are traced where it was built (a worker's parent traces its own)."""
+    `auth.scope`."""
     metrics = metrics or Metrics()
     state: dict[str, object] = {"draining": False, "in_flight": 0}
     app = web.Application(
@@ -212,11 +213,7 @@ def build_app(
         telemetry = tracing.Telemetry(settings.telemetry)
         observe = telemetry.observer(metrics.observe_token)
     routes = settings.effective_routes()
-    if make_authorizer is not None and telemetry is not None:
-        # a worker hears of its parent's identity-provider calls: it counts them, the parent (which made them)
-        # traces them
-        make_authorizer = _counted_only(make_authorizer, metrics.observe_token)
-    by_scope = _authorizers(settings, routes, observe, make_authorizer, retry)
+    by_scope = _authorizers(settings, routes, metrics, observe, make_authorizer, retry)
     primary = by_scope.get(settings.auth.scope) or next(iter(by_scope.values()))
     app[AUTHORIZER] = primary
     metrics.track_expiry(primary.seconds_until_expiry)
